@@ -1,0 +1,1 @@
+"""Stream transforms: MemReader, fusion, MemScheduler, lifecycle and governance checks."""

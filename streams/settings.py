@@ -1,0 +1,124 @@
+"""The one place where memstream's configuration lives.
+
+Every knob is an environment variable with the ``MEMSTREAM_`` prefix (or a line in a ``.env``
+file), so the same code runs against the embedded local stores and against production servers.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Effective configuration of one memstream process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MEMSTREAM_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    data_dir: Path = Field(
+        default=Path(".memstream"),
+        description="Where local services and embedded stores keep their data.",
+    )
+    tools_dir: Path = Field(
+        default=Path.home() / ".cache" / "memstream" / "tools",
+        description="Where the Kafka jars and the MinIO binary are cached, once per machine.",
+    )
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_controller_port: int = Field(
+        default=9093, description="KRaft controller port of the local broker (infra only)."
+    )
+    kafka_version: str = "4.4.0"
+    topic_prefix: str = "memstream."
+    partitions: int = Field(default=6, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+
+    minio_endpoint: str = "127.0.0.1:9000"
+    minio_console_port: int = 9001
+    minio_access_key: str = "memstream"
+    minio_secret_key: SecretStr = SecretStr("memstream-secret")
+    minio_bucket: str = "memstream"
+    minio_secure: bool = False
+    minio_version: str = Field(
+        default="v0.0.0-20260212201848-7aac2a2c5b7c",
+        description="Go module version of github.com/minio/minio built for the local server.",
+    )
+
+    milvus_uri: str | None = Field(
+        default=None,
+        description="Unset: a milvus-lite file in the data dir; http(s)://: a Milvus server.",
+    )
+    milvus_token: SecretStr | None = None
+
+    clickhouse_url: str | None = Field(
+        default=None,
+        description="Unset: the embedded chdb engine in the data dir; http(s)://: a server.",
+    )
+
+    max_event_bytes: int = Field(
+        default=256 * 1024, description="Largest interaction content accepted, in bytes."
+    )
+
+    @field_validator("data_dir", "tools_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().absolute()
+
+    @cached_property
+    def effective_milvus_uri(self) -> str:
+        """The URI handed to pymilvus: a local ``.db`` path unless a server is configured."""
+        return self.milvus_uri or str(self.data_dir / "milvus" / "memstream.db")
+
+    @cached_property
+    def effective_clickhouse_dsn(self) -> str:
+        """The DSN handed to clickhouse-connect: ``chdb://<dir>`` unless a server is configured."""
+        return self.clickhouse_url or f"chdb://{self.data_dir / 'clickhouse'}"
+
+    @property
+    def milvus_is_embedded(self) -> bool:
+        return not self.effective_milvus_uri.startswith(("http://", "https://", "tcp://"))
+
+    @property
+    def clickhouse_is_embedded(self) -> bool:
+        return self.effective_clickhouse_dsn.startswith("chdb://")
+
+    @property
+    def kafka_is_local(self) -> bool:
+        """True when the bootstrap server is on this machine, so ``infra up`` should run it."""
+        host = urlparse(f"//{self.kafka_bootstrap.split(',')[0]}").hostname
+        return host in {"127.0.0.1", "localhost", "::1"}
+
+    @property
+    def kafka_port(self) -> int:
+        return urlparse(f"//{self.kafka_bootstrap.split(',')[0]}").port or 9092
+
+    @property
+    def minio_port(self) -> int:
+        return urlparse(f"//{self.minio_endpoint}").port or 9000
+
+    def topic(self, name: str) -> str:
+        """Full topic name for a logical name such as ``interactions``."""
+        return f"{self.topic_prefix}{name}"
+
+    def masked(self) -> dict[str, Any]:
+        """Effective settings as plain values, secrets masked, derived URIs included."""
+        values = self.model_dump(mode="json")
+        for key, value in values.items():
+            if isinstance(getattr(self, key), SecretStr) and value is not None:
+                values[key] = "********"
+        clickhouse = self.effective_clickhouse_dsn
+        parsed = urlparse(clickhouse)
+        if parsed.password:
+            clickhouse = clickhouse.replace(f":{parsed.password}@", ":********@")
+        values["effective_milvus_uri"] = self.effective_milvus_uri
+        values["effective_clickhouse_dsn"] = clickhouse
+        if values.get("clickhouse_url"):
+            values["clickhouse_url"] = clickhouse
+        return values
