@@ -121,8 +121,14 @@ def parse_version(schema: Mapping[str, Any], version: int, origin: object = "") 
         parsed = fastavro.parse_schema(dict(schema), named_schemas={})
     except Exception as exc:
         raise SchemaError(f"{origin}: invalid Avro schema: {exc}") from exc
-    fp = bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
-    return SchemaVersion(parsed["name"].rsplit(".", 1)[-1], version, parsed, fp)
+    return SchemaVersion(
+        parsed["name"].rsplit(".", 1)[-1], version, parsed, schema_fingerprint(parsed)
+    )
+
+
+def schema_fingerprint(parsed: Any) -> bytes:
+    """The 8 header bytes: CRC-64-AVRO of the parsing canonical form, little-endian."""
+    return bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
 
 
 class Codec:

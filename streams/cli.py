@@ -126,3 +126,7 @@ def demo(
     console.print(table)
     if seen != len(batch):
         raise _fail(f"read back {seen} of {len(batch)} interactions")
+
+
+if __name__ == "__main__":
+    app()

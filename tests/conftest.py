@@ -1,0 +1,56 @@
+"""Shared fixtures. Integration tests use the services that `memstream infra up` started."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from infra import kafka, minio
+from streams.settings import Settings
+from streams.topics import ensure_topics
+
+
+@pytest.fixture(scope="session")
+def base_settings() -> Settings:
+    """Settings from the environment, as `memstream infra up` saw them."""
+    return Settings()
+
+
+@pytest.fixture(scope="session")
+def settings(base_settings: Settings) -> Settings:
+    """The running services, with topics under a prefix of this test run's own.
+
+    A fresh prefix keeps runs independent of each other and of the demo's data.
+    """
+    if not kafka.answers(base_settings):
+        pytest.fail(
+            f"Kafka does not answer at {base_settings.kafka_bootstrap}: run `memstream infra up`"
+        )
+    if not minio.answers(base_settings):
+        pytest.fail(
+            f"MinIO does not answer at {base_settings.minio_endpoint}: run `memstream infra up`"
+        )
+    run = uuid.uuid4().hex[:8]
+    settings = base_settings.model_copy(update={"topic_prefix": f"test-{run}."})
+    ensure_topics(settings)
+    return settings
+
+
+@pytest.fixture
+def group_id() -> str:
+    return f"test-group-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def clean_env() -> Iterator[dict[str, str]]:
+    """os.environ without MEMSTREAM_ variables, restored afterwards."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("MEMSTREAM_")}
+    for key in saved:
+        del os.environ[key]
+    yield os.environ
+    for key in [k for k in os.environ if k.startswith("MEMSTREAM_")]:
+        del os.environ[key]
+    os.environ.update(saved)
