@@ -14,7 +14,7 @@ from confluent_kafka.admin import AdminClient
 from infra.process import InfraError, port_open, require_tool, run_tool, start_process, stop_process
 from streams.settings import Settings
 
-POM = files("infra") / "kafka" / "pom.xml"
+POM = files("infra") / "kafka-broker" / "pom.xml"
 MAIN_JAR = "kafka_2.13-{version}.jar"
 
 
