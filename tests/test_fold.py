@@ -1,0 +1,158 @@
+"""The op fold: every op kind, duplicates, out-of-order delivery, invalid transitions."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from processors.fold import FoldError, MemoryTable, VersionGap, fold
+from processors.ops import embedding_bytes, make_op, plaintext_payload
+
+T0 = datetime(2023, 5, 8, 13, 56, tzinfo=UTC)
+
+
+def op(kind: str, version: int, text: str | None = None, **extra: object) -> dict:
+    payload = None
+    if text is not None:
+        payload = plaintext_payload(
+            text,
+            embedding_bytes([1.0, 0.0]),
+            "test-model",
+            key=extra.pop("key", None),
+            tags=extra.pop("tags", ()),
+            valid_from=T0 + timedelta(days=version),
+        )
+    return make_op(
+        event_id=f"ev-{version}-{kind}",
+        cube_id="cube",
+        memory_id="m1",
+        version=version,
+        op=kind,
+        event_time=T0 + timedelta(days=version),
+        actor="test",
+        caused_by=[f"src-{version}"],
+        payload=payload,
+        **extra,
+    )
+
+
+def test_add_creates_an_active_memory() -> None:
+    m = fold(None, op("ADD", 1, "Caroline lives in Boston.", key="caroline/city", tags=["boston"]))
+    assert m is not None
+    assert (m.version, m.status, m.text, m.key, m.tags) == (
+        1,
+        "active",
+        "Caroline lives in Boston.",
+        "caroline/city",
+        ("boston",),
+    )
+    assert m.searchable and m.caused_by == ("src-1",)
+    assert m.created_at == m.updated_at == T0 + timedelta(days=1)
+
+
+def test_update_replaces_the_fact_and_keeps_provenance() -> None:
+    m = fold(None, op("ADD", 1, "Caroline lives in Boston.", key="caroline/city"))
+    m = fold(m, op("UPDATE", 2, "Caroline lives in Lisbon.", key="caroline/city"))
+    assert m.text == "Caroline lives in Lisbon."
+    assert m.version == 2 and m.valid_from == T0 + timedelta(days=2) and m.valid_to is None
+    assert m.caused_by == ("src-1", "src-2")
+
+
+def test_merge_absorbs_a_repeat() -> None:
+    m = fold(None, op("ADD", 1, "Caroline paints.", tags=["painting"]))
+    m = fold(m, op("MERGE", 2, "Caroline paints a lot.", tags=["art"], supersedes=["m-dup"]))
+    assert m.text == "Caroline paints."
+    assert m.tags == ("painting", "art")
+    assert m.supersedes == ("m-dup",)
+    assert m.mentions == 2 and m.caused_by == ("src-1", "src-2")
+
+
+@pytest.mark.parametrize(
+    ("kinds", "status", "searchable"),
+    [
+        (["ARCHIVE"], "archived", False),
+        (["ARCHIVE", "RESTORE"], "active", True),
+        (["EXPIRE"], "expired", False),
+        (["ARCHIVE", "EXPIRE"], "expired", False),
+        (["DELETE"], "deleted", False),
+        (["ACTIVATE"], "active", True),
+        (["ACTIVATE", "DEACTIVATE"], "active", True),
+    ],
+)
+def test_lifecycle_ops(kinds: list[str], status: str, searchable: bool) -> None:
+    m = fold(None, op("ADD", 1, "a fact"))
+    for version, kind in enumerate(kinds, start=2):
+        m = fold(m, op(kind, version))
+    assert m.status == status
+    assert m.searchable is searchable
+    assert m.version == len(kinds) + 1
+    assert m.activated is (kinds[-1] == "ACTIVATE")
+
+
+def test_expire_closes_validity() -> None:
+    m = fold(fold(None, op("ADD", 1, "a fact")), op("EXPIRE", 2))
+    assert m.valid_to == T0 + timedelta(days=2)
+
+
+@pytest.mark.parametrize(
+    ("kinds", "bad"),
+    [(["DELETE"], "RESTORE"), (["EXPIRE"], "UPDATE"), (["ARCHIVE"], "MERGE"), ([], "RESTORE")],
+)
+def test_invalid_transitions_raise(kinds: list[str], bad: str) -> None:
+    m = fold(None, op("ADD", 1, "a fact"))
+    for version, kind in enumerate(kinds, start=2):
+        m = fold(m, op(kind, version))
+    with pytest.raises(FoldError, match=f"{bad} is not allowed"):
+        fold(m, op(bad, len(kinds) + 2, "x"))
+
+
+def test_first_op_must_be_add() -> None:
+    with pytest.raises(FoldError, match="never added"):
+        fold(None, op("UPDATE", 1, "x"))
+
+
+def test_duplicate_of_an_applied_version_changes_nothing() -> None:
+    m1 = fold(None, op("ADD", 1, "a fact"))
+    m2 = fold(m1, op("UPDATE", 2, "a newer fact"))
+    assert fold(m2, op("UPDATE", 2, "a newer fact")) is m2
+    assert fold(m2, op("ADD", 1, "a fact")) is m2
+
+
+def test_a_skipped_version_is_a_gap() -> None:
+    with pytest.raises(VersionGap, match="got v3 of ARCHIVE, expected v2"):
+        fold(fold(None, op("ADD", 1, "a fact")), op("ARCHIVE", 3))
+
+
+def test_table_holds_out_of_order_ops_until_the_gap_fills() -> None:
+    ops = [op("ADD", 1, "a"), op("UPDATE", 2, "b"), op("MERGE", 3, "b"), op("ARCHIVE", 4)]
+    table = MemoryTable()
+    assert table.apply(ops[2]) == [] and table.apply(ops[3]) == []
+    assert table.get("m1") is None
+    assert [m.version for m in table.apply(ops[0])] == [1]
+    assert [m.version for m in table.apply(ops[1])] == [2, 3, 4]
+    assert table.get("m1").status == "archived" and not table.pending
+    assert table.seen == {o["event_id"] for o in ops}
+
+
+def test_any_delivery_order_with_duplicates_gives_the_in_order_state() -> None:
+    ops = [
+        op("ADD", 1, "a", tags=["x"]),
+        op("UPDATE", 2, "b"),
+        op("MERGE", 3, "b", tags=["y"]),
+        op("ACTIVATE", 4),
+        op("ARCHIVE", 5),
+        op("RESTORE", 6),
+    ]
+    expected = None
+    for o in ops:
+        expected = fold(expected, o)
+    rng = random.Random(5)
+    for _ in range(50):
+        delivery = ops + rng.sample(ops, 3)
+        rng.shuffle(delivery)
+        table = MemoryTable()
+        for o in delivery:
+            table.apply(o)
+        assert table.get("m1") == expected
