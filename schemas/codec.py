@@ -2,7 +2,7 @@
 
 A message is ``C3 01`` + the 8-byte little-endian CRC-64-AVRO fingerprint of the writer schema's
 canonical form + the Avro binary body. The reader finds the writer schema by that fingerprint among
-all versions kept in ``schemas/avro`` and resolves it to its own reader schema (by default the
+all versions kept in ``schemas/`` and resolves it to its own reader schema (by default the
 newest version of the same record), so events written years ago stay readable.
 """
 
@@ -22,7 +22,7 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 MAGIC = b"\xc3\x01"
 HEADER_SIZE = len(MAGIC) + 8
-SCHEMA_DIR = Path(__file__).parent / "avro"
+SCHEMA_DIR = Path(__file__).parent
 _FILE_NAME = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)\.v(?P<version>\d+)\.avsc$")
 
 
@@ -191,5 +191,5 @@ class Codec:
 
 @cache
 def default_registry() -> SchemaRegistry:
-    """The registry of every schema version shipped in ``schemas/avro``."""
+    """The registry of every schema version shipped in ``schemas/``."""
     return SchemaRegistry.from_directories(SCHEMA_DIR)
