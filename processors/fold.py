@@ -15,13 +15,14 @@ from typing import Any, Literal
 
 from processors.ops import payload_of
 
-Status = Literal["active", "archived", "expired", "deleted"]
+Status = Literal["active", "archived", "expired", "merged", "deleted"]
 
 # Which ops may follow which status; anything else is an invalid op in the log.
 ALLOWED: dict[str, set[str]] = {
     "active": {"UPDATE", "MERGE", "ACTIVATE", "DEACTIVATE", "ARCHIVE", "EXPIRE", "DELETE"},
     "archived": {"RESTORE", "EXPIRE", "DELETE"},
     "expired": {"DELETE"},
+    "merged": {"DELETE"},
     "deleted": set(),
 }
 
@@ -56,13 +57,18 @@ class Memory:
     payload: dict[str, Any] = field(default_factory=dict, compare=False)
     caused_by: tuple[str, ...] = ()
     supersedes: tuple[str, ...] = ()
-    mentions: int = 1
+    superseded_by: str | None = None
     last_event_id: str = ""
 
     @property
     def searchable(self) -> bool:
-        """Whether the plaintext view shows it: active plaintext memories only."""
+        """Whether the plaintext view holds it: active plaintext memories, current or closed."""
         return self.status == "active" and self.memory_type == "PLAINTEXT"
+
+    @property
+    def current(self) -> bool:
+        """Searchable and still true: no newer fact has closed its validity."""
+        return self.searchable and self.valid_to is None
 
 
 def fold(state: Memory | None, op: dict[str, Any]) -> Memory | None:
@@ -81,7 +87,7 @@ def fold(state: Memory | None, op: dict[str, Any]) -> Memory | None:
     payload = payload_of(op) or {}
     at = op["event_time"]
     if state is None:
-        if kind != "ADD":
+        if kind not in {"ADD", "MERGE"} or not payload:
             raise FoldError(f"{op['memory_id']}: {kind} on a memory that was never added")
         return Memory(
             memory_id=op["memory_id"],
@@ -105,16 +111,16 @@ def fold(state: Memory | None, op: dict[str, Any]) -> Memory | None:
         "caused_by": _union(state.caused_by, op["caused_by"]),
     }
     if kind == "UPDATE":
-        return replace(state, **common, **_content(payload))
-    if kind == "MERGE":
-        # The memory absorbs a repeat of itself: more provenance, one more mention, same fact.
+        content = _content(payload) if payload else {}
         return replace(
-            state,
-            **common,
-            tags=_union(state.tags, payload.get("tags", ())),
-            supersedes=_union(state.supersedes, op["supersedes"]),
-            mentions=state.mentions + 1,
+            state, **common, **content, superseded_by=op["superseded_by"] or state.superseded_by
         )
+    if kind == "MERGE":
+        # On an existing memory a MERGE retires it: the memory named in superseded_by, created
+        # by the same decision, now holds the fact with the provenance of both.
+        if not op["superseded_by"]:
+            raise FoldError(f"{state.memory_id}: MERGE on an existing memory names no successor")
+        return replace(state, **common, status="merged", superseded_by=op["superseded_by"])
     if kind == "ACTIVATE":
         return replace(state, **common, activated=True, payload=dict(payload) or state.payload)
     if kind == "DEACTIVATE":

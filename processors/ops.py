@@ -25,9 +25,10 @@ def memory_id(cube_id: str, source_event_id: str, item_index: int) -> str:
     return str(uuid.uuid5(NAMESPACE, f"memory/{cube_id}/{source_event_id}/{item_index}"))
 
 
-def op_event_id(source_event_id: str, item_index: int, kind: str) -> str:
-    """The event id of the op of kind ``kind`` that item ``item_index`` of a source yields."""
-    return str(uuid.uuid5(NAMESPACE, f"op/{source_event_id}/{item_index}/{kind}"))
+def op_event_id(source_event_id: str, item_index: int, kind: str, memory_id: str) -> str:
+    """The event id of the ``kind`` op on ``memory_id`` that item ``item_index`` of a source
+    yields (one item may yield ops on two memories: the new one and the one it replaces)."""
+    return str(uuid.uuid5(NAMESPACE, f"op/{source_event_id}/{item_index}/{kind}/{memory_id}"))
 
 
 def embedding_bytes(vector: Sequence[float] | np.ndarray) -> bytes:
@@ -76,6 +77,7 @@ def make_op(
     memory_type: str = "PLAINTEXT",
     caused_by: Iterable[str] = (),
     supersedes: Iterable[str] = (),
+    superseded_by: str | None = None,
     reason: str = "",
     payload: tuple[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
@@ -91,6 +93,7 @@ def make_op(
         "actor": actor,
         "caused_by": list(caused_by),
         "supersedes": list(supersedes),
+        "superseded_by": superseded_by,
         "reason": reason,
         "payload": payload,
     }

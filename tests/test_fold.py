@@ -60,13 +60,27 @@ def test_update_replaces_the_fact_and_keeps_provenance() -> None:
     assert m.caused_by == ("src-1", "src-2")
 
 
-def test_merge_absorbs_a_repeat() -> None:
-    m = fold(None, op("ADD", 1, "Caroline paints.", tags=["painting"]))
-    m = fold(m, op("MERGE", 2, "Caroline paints a lot.", tags=["art"], supersedes=["m-dup"]))
-    assert m.text == "Caroline paints."
-    assert m.tags == ("painting", "art")
-    assert m.supersedes == ("m-dup",)
-    assert m.mentions == 2 and m.caused_by == ("src-1", "src-2")
+def test_merge_creates_the_merged_memory_and_retires_the_old_one() -> None:
+    old = fold(None, op("ADD", 1, "Caroline paints.", tags=["painting"]))
+    new = fold(None, op("MERGE", 1, "Caroline paints a lot.", supersedes=["m1"]))
+    assert new.status == "active" and new.supersedes == ("m1",) and new.searchable
+    old = fold(old, op("MERGE", 2, superseded_by="m2"))
+    assert old.status == "merged" and old.superseded_by == "m2" and not old.searchable
+    assert old.text == "Caroline paints." and old.caused_by == ("src-1", "src-2")
+
+
+def test_merge_without_successor_is_invalid() -> None:
+    with pytest.raises(FoldError, match="names no successor"):
+        fold(fold(None, op("ADD", 1, "a fact")), op("MERGE", 2))
+
+
+def test_update_that_closes_a_fact_keeps_it_searchable_but_not_current() -> None:
+    m = fold(None, op("ADD", 1, "Caroline lives in Boston.", key="caroline/home"))
+    closing = op("UPDATE", 2, "Caroline lives in Boston.", superseded_by="m2")
+    closing["payload"][1]["valid_to"] = T0 + timedelta(days=9)
+    m = fold(m, closing)
+    assert m.searchable and not m.current
+    assert m.valid_to == T0 + timedelta(days=9) and m.superseded_by == "m2"
 
 
 @pytest.mark.parametrize(
@@ -77,6 +91,7 @@ def test_merge_absorbs_a_repeat() -> None:
         (["EXPIRE"], "expired", False),
         (["ARCHIVE", "EXPIRE"], "expired", False),
         (["DELETE"], "deleted", False),
+        (["ARCHIVE", "DELETE"], "deleted", False),
         (["ACTIVATE"], "active", True),
         (["ACTIVATE", "DEACTIVATE"], "active", True),
     ],
@@ -126,7 +141,7 @@ def test_a_skipped_version_is_a_gap() -> None:
 
 
 def test_table_holds_out_of_order_ops_until_the_gap_fills() -> None:
-    ops = [op("ADD", 1, "a"), op("UPDATE", 2, "b"), op("MERGE", 3, "b"), op("ARCHIVE", 4)]
+    ops = [op("ADD", 1, "a"), op("UPDATE", 2, "b"), op("ACTIVATE", 3), op("ARCHIVE", 4)]
     table = MemoryTable()
     assert table.apply(ops[2]) == [] and table.apply(ops[3]) == []
     assert table.get("m1") is None
@@ -140,10 +155,10 @@ def test_any_delivery_order_with_duplicates_gives_the_in_order_state() -> None:
     ops = [
         op("ADD", 1, "a", tags=["x"]),
         op("UPDATE", 2, "b"),
-        op("MERGE", 3, "b", tags=["y"]),
-        op("ACTIVATE", 4),
-        op("ARCHIVE", 5),
-        op("RESTORE", 6),
+        op("ACTIVATE", 3),
+        op("ARCHIVE", 4),
+        op("RESTORE", 5),
+        op("MERGE", 6, superseded_by="m9"),
     ]
     expected = None
     for o in ops:

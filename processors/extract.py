@@ -1,0 +1,202 @@
+"""MemReader's extraction step: an interaction in, self-contained memory items out.
+
+Two extractors share one interface. :class:`RuleExtractor` is the fast offline default: sentence
+segmentation, the speaker named in every item, relative dates resolved against the event time,
+keywords as tags, a subject key for facts that change (where someone lives, works, what they
+like). :class:`LLMExtractor` asks any OpenAI-compatible chat endpoint for the same items as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+import httpx
+
+from processors.dates import resolve
+
+READER_VERSION = "rules/1"
+
+
+@dataclass(frozen=True)
+class MemoryItem:
+    """One memory a reader found in an interaction."""
+
+    text: str
+    tags: tuple[str, ...] = ()
+    key: str | None = None
+    dates: tuple[str, ...] = field(default=(), compare=False)
+
+
+class Extractor(Protocol):
+    """Turns one interaction (the decoded Interaction record) into memory items."""
+
+    name: str
+
+    def extract(self, interaction: dict[str, Any]) -> list[MemoryItem]: ...
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
+_WORD = re.compile(r"[A-Za-z][A-Za-z'\-]+")
+_FILLER = re.compile(
+    r"^(?:hey|hi|hello|wow|thanks|thank you|cool|awesome|great|nice|yeah|yes|no|ok|okay|sure|"
+    r"haha|lol|bye|see you|take care|totally|absolutely|definitely|same|aw+|oh|omg)\b[\s\w,!.']{0,25}$",
+    re.IGNORECASE,
+)
+STOPWORDS = frozenset(
+    """a about above after again against all also am an and any are as at be because been before
+    being below between both but by can could did do does doing down during each even ever every
+    few for from further get gets getting go going gone got had has have having he her here hers
+    herself him himself his how i i'm i've i'd i'll if in into is it it's its itself just know
+    let like made make many me more most much must my myself never new no nor not now of off
+    often on once one only or other our ours ourselves out over own really said same say see she
+    should so some something still such sure than that that's the their theirs them themselves
+    then there these they thing things think this those though through to too under until up
+    us very want was we well were what when where which while who whom why will with would yeah
+    yes you you're your yours yourself yourselves lot lots way always kind bit pretty gonna
+    wanna thanks thank hey hi wow glad happy love great good awesome cool amazing""".split()
+)
+
+# Facts that a newer statement replaces, by subject: (attribute, pattern on the sentence).
+KEY_PATTERNS: Sequence[tuple[str, re.Pattern[str]]] = [
+    ("home", re.compile(r"\b(?:moved|moving|relocat\w*) to\b|\b(?:i|we) (?:now )?live in\b", re.I)),
+    (
+        "job",
+        re.compile(
+            r"\b(?:i|i'm|i am) (?:now )?(?:work(?:ing)? (?:as|at|for)|employed)\b|"
+            r"\bmy (?:new )?job\b|\bstarted (?:a new job|working)\b",
+            re.I,
+        ),
+    ),
+    (
+        "relationship",
+        re.compile(r"\b(?:i'm|i am|i got) (?:now )?(?:single|married|engaged|divorced)\b", re.I),
+    ),
+]
+_RESOLVED = re.compile(r"\(([^()]*\d{4})\)")
+_FAVORITE = re.compile(r"\bmy (?:all-time )?fav(?:ou?rite)? (?P<what>[a-z]+(?: [a-z]+)?) is\b", re.I)
+
+
+def split_sentences(text: str) -> list[str]:
+    return [s.strip() for s in _SENTENCE_END.split(text.strip()) if s.strip()]
+
+
+def keywords(text: str, limit: int = 8) -> list[str]:
+    """Distinct content words, proper names first, lower-cased."""
+    words = _WORD.findall(text)
+    names = [w for i, w in enumerate(words) if w[0].isupper() and i > 0]
+    picked: dict[str, None] = {}
+    for word in [*names, *words]:
+        lowered = word.lower().strip("'-")
+        if len(lowered) >= 3 and "'" not in lowered and lowered not in STOPWORDS:
+            picked.setdefault(lowered)
+    return list(picked)[:limit]
+
+
+def subject_key(speaker: str, sentence: str) -> str | None:
+    """``<speaker>/<attribute>`` for a sentence that states a fact a newer one may replace."""
+    base = speaker.strip().lower()
+    favorite = _FAVORITE.search(sentence)
+    if favorite:
+        return f"{base}/favorite/{favorite['what'].lower()}"
+    for attribute, pattern in KEY_PATTERNS:
+        if pattern.search(sentence):
+            return f"{base}/{attribute}"
+    return None
+
+
+class RuleExtractor:
+    """Offline extraction: one item per informative sentence, short ones joined to a neighbour."""
+
+    name = READER_VERSION
+
+    def __init__(self, min_words: int = 6) -> None:
+        self.min_words = min_words
+
+    def extract(self, interaction: dict[str, Any]) -> list[MemoryItem]:
+        speaker = interaction["speaker"].strip()
+        content, _ = resolve(interaction["content"], interaction["event_time"])
+        chunks: list[tuple[str, str | None]] = []
+        for sentence in split_sentences(content):
+            if _FILLER.match(sentence) or not _WORD.search(sentence):
+                continue
+            key = subject_key(speaker, sentence)
+            short = len(sentence.split()) < self.min_words
+            previous = chunks[-1] if chunks else None
+            joinable = previous is not None and key is None
+            if joinable and (short or len(previous[0].split()) < self.min_words):
+                chunks[-1] = (f"{previous[0]} {sentence}", previous[1])
+            else:
+                chunks.append((sentence, key))
+        return [
+            MemoryItem(
+                text=f"{speaker} said: {chunk}",
+                tags=tuple(keywords(chunk)),
+                key=key,
+                dates=tuple(_RESOLVED.findall(chunk)),
+            )
+            for chunk, key in chunks
+        ]
+
+
+LLM_PROMPT = """You extract long-term memories from one turn of a conversation.
+Speaker: {speaker}
+Said at: {when}
+Text: {content}
+
+Return JSON: {{"memories": [{{"text": str, "tags": [str], "key": str or null}}]}}.
+Each text is one self-contained fact that names the speaker instead of "I" and writes every
+relative time ("yesterday", "last week") as an absolute date. "key" names the subject of a fact a
+newer statement could replace, as "<speaker>/<attribute>" (e.g. "caroline/home"), else null.
+Return {{"memories": []}} when the turn holds nothing worth remembering."""
+
+
+class LLMExtractor:
+    """Extraction by any OpenAI-compatible chat-completions endpoint (JSON output)."""
+
+    def __init__(
+        self, base_url: str, model: str, api_key: str = "", timeout: float = 60.0
+    ) -> None:
+        self.name = f"llm/{model}"
+        self.model = model
+        self._client = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
+            timeout=timeout,
+        )
+
+    def extract(self, interaction: dict[str, Any]) -> list[MemoryItem]:
+        when: datetime = interaction["event_time"]
+        prompt = LLM_PROMPT.format(
+            speaker=interaction["speaker"],
+            when=when.strftime("%A %d %B %Y, %H:%M UTC"),
+            content=interaction["content"],
+        )
+        response = self._client.post(
+            "/chat/completions",
+            json={
+                "model": self.model,
+                "messages": [{"role": "user", "content": prompt}],
+                "temperature": 0,
+                "response_format": {"type": "json_object"},
+            },
+        )
+        response.raise_for_status()
+        content = response.json()["choices"][0]["message"]["content"]
+        try:
+            memories = json.loads(content)["memories"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"LLM extractor returned no memories JSON: {content[:200]!r}") from exc
+        return [
+            MemoryItem(
+                text=str(m["text"]),
+                tags=tuple(str(t).lower() for t in m.get("tags") or ()),
+                key=m.get("key") or None,
+            )
+            for m in memories
+            if isinstance(m, dict) and m.get("text")
+        ]
