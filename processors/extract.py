@@ -44,7 +44,8 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
 _WORD = re.compile(r"[A-Za-z][A-Za-z'\-]+")
 _FILLER = re.compile(
     r"^(?:hey|hi|hello|wow|thanks|thank you|cool|awesome|great|nice|yeah|yes|no|ok|okay|sure|"
-    r"haha|lol|bye|see you|take care|totally|absolutely|definitely|same|aw+|oh|omg)\b[\s\w,!.']{0,25}$",
+    r"haha|lol|bye|see you|take care|totally|absolutely|definitely|same|aw+|oh|omg)\b"
+    r"[\s\w,!.']{0,25}$",
     re.IGNORECASE,
 )
 STOPWORDS = frozenset(
@@ -78,7 +79,9 @@ KEY_PATTERNS: Sequence[tuple[str, re.Pattern[str]]] = [
     ),
 ]
 _RESOLVED = re.compile(r"\(([^()]*\d{4})\)")
-_FAVORITE = re.compile(r"\bmy (?:all-time )?fav(?:ou?rite)? (?P<what>[a-z]+(?: [a-z]+)?) is\b", re.I)
+_FAVORITE = re.compile(
+    r"\bmy (?:all-time )?fav(?:ou?rite)? (?P<what>[a-z]+(?: [a-z]+)?) is\b", re.I
+)
 
 
 def split_sentences(text: str) -> list[str]:
@@ -158,9 +161,7 @@ Return {{"memories": []}} when the turn holds nothing worth remembering."""
 class LLMExtractor:
     """Extraction by any OpenAI-compatible chat-completions endpoint (JSON output)."""
 
-    def __init__(
-        self, base_url: str, model: str, api_key: str = "", timeout: float = 60.0
-    ) -> None:
+    def __init__(self, base_url: str, model: str, api_key: str = "", timeout: float = 60.0) -> None:
         self.name = f"llm/{model}"
         self.model = model
         self._client = httpx.Client(

@@ -53,6 +53,7 @@ class Memory:
     embedding_model: str = ""
     valid_from: datetime | None = None
     valid_to: datetime | None = None
+    source: dict[str, Any] | None = field(default=None, compare=False)
     activated: bool = False
     payload: dict[str, Any] = field(default_factory=dict, compare=False)
     caused_by: tuple[str, ...] = ()
@@ -147,6 +148,7 @@ def _content(payload: dict[str, Any]) -> dict[str, Any]:
         "embedding_model": payload.get("embedding_model", ""),
         "valid_from": payload.get("valid_from"),
         "valid_to": payload.get("valid_to"),
+        "source": payload.get("source"),
     }
 
 

@@ -76,6 +76,31 @@ def _print_status(statuses: list[services.ServiceStatus]) -> None:
 
 
 @app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (MEMSTREAM_API_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (MEMSTREAM_API_PORT).")] = None,
+) -> None:
+    """Run the worker (MemReader, sinks, query audit) and the HTTP API in one process."""
+    import logging
+
+    import uvicorn
+
+    from streams.api import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # milvus-lite's embedded gRPC server logs a harmless NotImplemented for a newer client call.
+    for noisy in ("grpc._server", "faiss.loader", "bm25s", "sentence_transformers"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    settings = Settings()
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.api_host,
+        port=port or settings.api_port,
+        log_level="warning",
+    )
+
+
+@app.command()
 def demo(
     data: Annotated[
         Path | None, typer.Option(help="A LoCoMo-format file (default: the dev conversations).")

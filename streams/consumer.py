@@ -2,9 +2,10 @@
 
 A message that cannot be decoded (or that a validator refuses) is published to the dead-letter
 topic with its bytes, coordinates and the reason, and the consumer moves on: one bad event never
-stops a worker. Offsets are stored only when the caller asks for the next event, so an event is
-committed only after the code that received it has finished with it (at-least-once delivery;
-memstream's deterministic ids make a redelivery harmless).
+stops a worker. An event counts as done only when the caller comes back for more (the next
+``poll``/``poll_batch``) or calls ``commit``; only done offsets are ever committed, so a crash
+redelivers what was not finished (at-least-once; memstream's deterministic ids make a redelivery
+harmless).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class EventConsumer:
         validator: Validator | None = None,
         dead_letters: EventProducer | None = None,
         config: dict[str, Any] | None = None,
+        commit_interval: float = 1.0,
     ) -> None:
         self.settings = settings or Settings()
         self.codec = codec or Codec()
@@ -72,38 +74,49 @@ class EventConsumer:
                 "bootstrap.servers": self.settings.kafka_bootstrap,
                 "group.id": group_id,
                 "auto.offset.reset": "earliest",
-                "enable.auto.commit": True,
-                "enable.auto.offset.store": False,
+                "enable.auto.commit": False,
                 "enable.partition.eof": False,
                 **(config or {}),
             }
         )
-        self._consumer.subscribe(list(topics))
-        self._pending: Message | None = None
+        self._consumer.subscribe(list(topics), on_revoke=self._on_revoke)
+        self._pending: dict[tuple[str, int], int] = {}
+        self._done: dict[tuple[str, int], int] = {}
+        self._commit_interval = commit_interval
+        self._last_commit = time.monotonic()
         self.dead_lettered = 0
 
     def poll(self, timeout: float = 1.0) -> Event | None:
-        """Return the next valid event, or None if none arrived within ``timeout`` seconds.
+        """The next valid event, or None if none arrived within ``timeout`` seconds.
 
-        Asking for the next event marks the previous one as done (its offset is stored).
+        Asking for the next event marks the ones returned before as done.
         """
-        self._store_pending()
+        events = self.poll_batch(1, timeout)
+        return events[0] if events else None
+
+    def poll_batch(self, max_events: int, timeout: float = 1.0) -> list[Event]:
+        """Up to ``max_events`` valid events: as many as are ready, waiting at most ``timeout``
+        seconds for the first. The events returned before are marked done."""
+        self._mark_done()
+        events: list[Event] = []
         deadline = time.monotonic() + timeout
-        while True:
-            remaining = max(0.0, deadline - time.monotonic())
-            msg = self._consumer.poll(remaining)
-            if msg is None:
-                return None
-            if msg.error() is not None:
-                if msg.error().code() == KafkaError._PARTITION_EOF:
-                    continue
-                raise KafkaException(msg.error())
-            event = self._decode(msg)
-            if event is not None:
-                self._pending = msg
-                return event
+        while len(events) < max_events:
+            remaining = max(0.0, deadline - time.monotonic()) if not events else 0.0
+            messages = self._consumer.consume(max_events - len(events), remaining)
+            if not messages:
+                break
+            for msg in messages:
+                if msg.error() is not None:
+                    if msg.error().code() == KafkaError._PARTITION_EOF:
+                        continue
+                    raise KafkaException(msg.error())
+                self._pending[(msg.topic(), msg.partition())] = msg.offset() + 1
+                event = self._decode(msg)
+                if event is not None:
+                    events.append(event)
             if time.monotonic() >= deadline:
-                return None
+                break
+        return events
 
     def __iter__(self) -> Iterator[Event]:
         """Events forever (a long-running worker); stop by breaking out or calling close."""
@@ -117,25 +130,22 @@ class EventConsumer:
         events: list[Event] = []
         idle_since = time.monotonic()
         while len(events) < count and time.monotonic() - idle_since < timeout:
-            event = self.poll(0.5)
-            if event is not None:
-                events.append(event)
+            batch = self.poll_batch(min(500, count - len(events)), 0.5)
+            if batch:
+                events.extend(batch)
                 idle_since = time.monotonic()
         return events
 
     def commit(self) -> None:
-        """Store the last event's offset and commit all stored offsets synchronously."""
-        self._store_pending()
-        try:
-            self._consumer.commit(asynchronous=False)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError._NO_OFFSET:
-                raise
+        """Mark every event returned so far as done and commit synchronously."""
+        self._mark_done()
+        self._commit()
 
     def close(self) -> None:
-        """Commit what was handled and leave the group."""
+        """Commit the events marked done and leave the group (the last ones returned are not
+        done unless :meth:`commit` was called: they will be delivered again)."""
         try:
-            self.commit()
+            self._commit()
         finally:
             self._consumer.close()
             if self._owns_dead_letters and self._dead_letters is not None:
@@ -144,13 +154,31 @@ class EventConsumer:
     def __enter__(self) -> EventConsumer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        """Leaving the block normally means the events it received were handled."""
+        if exc_type is None:
+            self._mark_done()
         self.close()
 
-    def _store_pending(self) -> None:
-        if self._pending is not None:
-            self._consumer.store_offsets(message=self._pending)
-            self._pending = None
+    def _mark_done(self) -> None:
+        self._done.update(self._pending)
+        self._pending.clear()
+        if time.monotonic() - self._last_commit >= self._commit_interval:
+            self._commit()
+
+    def _commit(self) -> None:
+        self._last_commit = time.monotonic()
+        if not self._done:
+            return
+        offsets = [TopicPartition(t, p, o) for (t, p), o in self._done.items()]
+        self._consumer.commit(offsets=offsets, asynchronous=False)
+        self._done.clear()
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Before giving partitions away, commit what is done on them; drop the rest."""
+        revoked = {(tp.topic, tp.partition) for tp in partitions}
+        self._commit()
+        self._pending = {tp: o for tp, o in self._pending.items() if tp not in revoked}
 
     def _decode(self, msg: Message) -> Event | None:
         topic = msg.topic()
@@ -198,8 +226,5 @@ class EventConsumer:
                 "worker": self._worker,
                 "failed_at": utcnow(),
             },
-        )
-        self._consumer.store_offsets(
-            offsets=[TopicPartition(msg.topic(), msg.partition(), msg.offset() + 1)]
         )
         self.dead_lettered += 1

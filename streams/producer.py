@@ -60,6 +60,9 @@ class EventProducer:
                 "acks": "all",
                 "linger.ms": 5,
                 "compression.type": "lz4",
+                # murmur2 like the Java client and aiokafka (Faust): every producer of a keyed
+                # topic must agree, or co-partitioning by cube breaks.
+                "partitioner": "murmur2_random",
                 "message.max.bytes": max(1_000_000, 2 * self.settings.max_event_bytes),
                 **(config or {}),
             }
@@ -122,6 +125,15 @@ class EventProducer:
         if not box or isinstance(box[0], str):
             raise PublishError([(0, box[0] if box else "no delivery report")])
         return box[0]
+
+    def publish_nowait(
+        self, topic: str, key: str | bytes | None, record: str, value: Mapping[str, Any]
+    ) -> None:
+        """Queue an event without waiting for its ack (for best-effort events: query logs)."""
+        payload = self.codec.encode(record, value)
+        with self._lock:
+            self._produce(topic, key, payload, None)
+            self._producer.poll(0)
 
     def publish_interaction(
         self, interaction: Interaction | None = None, **fields: Any

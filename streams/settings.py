@@ -66,6 +66,20 @@ class Settings(BaseSettings):
         default=256 * 1024, description="Largest interaction content accepted, in bytes."
     )
 
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    reader_batch: int = Field(
+        default=64, ge=1, description="Interactions embedded together (batching across them)."
+    )
+    merge_threshold: float = Field(
+        default=0.95, description="Cosine above which a new item is a repeat (MERGE)."
+    )
+    llm_base_url: str | None = Field(
+        default=None, description="OpenAI-compatible endpoint; set to extract with an LLM."
+    )
+    llm_model: str = "gpt-4o-mini"
+    llm_api_key: SecretStr | None = None
+
     @field_validator("data_dir", "tools_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
@@ -106,6 +120,14 @@ class Settings(BaseSettings):
     def topic(self, name: str) -> str:
         """Full topic name for a logical name such as ``interactions``."""
         return f"{self.topic_prefix}{name}"
+
+    def group(self, name: str) -> str:
+        """Consumer group id of one of memstream's own processors."""
+        return f"{self.topic_prefix}{name}"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.api_host}:{self.api_port}"
 
     def masked(self) -> dict[str, Any]:
         """Effective settings as plain values, secrets masked, derived URIs included."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -36,6 +37,15 @@ def make_interactions(run: str, cubes: int, per_cube: int) -> list[Interaction]:
         for i in range(per_cube)
         for c in range(cubes)
     ]
+
+
+def drain(consumer: EventConsumer, done: Callable[[list[Event]], bool], timeout: float = 60):
+    """Events until ``done(events)`` holds (or ``timeout`` seconds pass)."""
+    events: list[Event] = []
+    deadline = time.monotonic() + timeout
+    while not done(events) and time.monotonic() < deadline:
+        events.extend(consumer.poll_batch(500, 0.5))
+    return events
 
 
 def test_10k_interactions_across_50_cubes_round_trip(settings: Settings, group_id: str) -> None:
@@ -98,15 +108,22 @@ def test_malformed_messages_go_to_the_dlq_and_the_consumer_continues(
         bad_schema = producer.publish_raw(topic, key, stranger_bytes)
         producer.publish_interaction(last)
 
+    def mine(events: list[Event]) -> list[Event]:
+        return [e for e in events if e.key == key]
+
     with EventConsumer([topic], group_id, settings) as consumer:
-        events = [e for e in consumer.take(10_000, timeout=10) if e.key == key]
+        events = mine(drain(consumer, lambda got: len(mine(got)) == 2))
         assert [e.value["event_id"] for e in events] == [first.event_id, last.event_id]
         assert consumer.dead_lettered >= 2
 
+    wanted = {(bad_random.partition, bad_random.offset), (bad_schema.partition, bad_schema.offset)}
+
+    def coordinates(events: list[Event]) -> set[tuple[int, int]]:
+        return {(e.value["partition"], e.value["offset"]) for e in events}
+
     with EventConsumer([settings.topic(DLQ.name)], group_id + "-dlq", settings) as dlq:
-        letters = {
-            (e.value["partition"], e.value["offset"]): e.value for e in dlq.take(1000, timeout=10)
-        }
+        found = drain(dlq, lambda got: wanted <= coordinates(got))
+        letters = {(e.value["partition"], e.value["offset"]): e.value for e in found}
     random_letter = letters[(bad_random.partition, bad_random.offset)]
     assert random_letter["value"] == random_bytes
     assert random_letter["key"] == key

@@ -1,0 +1,159 @@
+"""MemReader: interactions in, memory ops out (ADD, or MERGE/UPDATE when fusion says so).
+
+Pure with respect to the log: the ops depend only on the interactions and on the fold of the ops
+before them, never on the wall clock or on a view, and every id is derived from the source.
+Reprocessing an interaction therefore yields byte-identical ops (dropped downstream by event
+id), and an item whose memory already exists in the fold is recognised as done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from processors.embedder import Embedder
+from processors.extract import Extractor
+from processors.fusion import CubeMemories, decide, union
+from processors.ops import (
+    embedding_bytes,
+    make_op,
+    memory_id,
+    op_event_id,
+    plaintext_payload,
+)
+
+
+@dataclass(frozen=True)
+class Sourced:
+    """An interaction record and where it sits in the log (its provenance)."""
+
+    interaction: dict[str, Any]
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+
+    def source_ref(self) -> dict[str, Any]:
+        i = self.interaction
+        return {
+            "event_id": i["event_id"],
+            "session_id": i.get("session_id"),
+            "turn_id": i.get("turn_id"),
+            "topic": self.topic,
+            "partition": self.partition,
+            "offset": self.offset,
+        }
+
+
+class MemReader:
+    """Extracts, embeds (one batch across all interactions), fuses and emits ops."""
+
+    def __init__(
+        self,
+        extractor: Extractor,
+        embedder: Embedder,
+        memories: CubeMemories,
+        merge_threshold: float = 0.95,
+    ) -> None:
+        self.extractor = extractor
+        self.embedder = embedder
+        self.memories = memories
+        self.merge_threshold = merge_threshold
+        self.actor = f"memreader/{extractor.name}"
+
+    def process(self, batch: list[Sourced]) -> list[dict[str, Any]]:
+        """The ops for a batch, in the order they must be published (and already folded)."""
+        items = [
+            (source, index, item)
+            for source in batch
+            for index, item in enumerate(self.extractor.extract(source.interaction))
+        ]
+        todo = [
+            (source, index, item)
+            for source, index, item in items
+            if self.memories.get(self._memory_id(source, index)) is None
+        ]
+        vectors = self.embedder.encode([item.text for _, _, item in todo])
+        ops: list[dict[str, Any]] = []
+        for (source, index, item), vector in zip(todo, vectors, strict=True):
+            ops.extend(self._fuse(source, index, item, vector))
+        return ops
+
+    @staticmethod
+    def _memory_id(source: Sourced, index: int) -> str:
+        i = source.interaction
+        return memory_id(i["cube_id"], i["event_id"], index)
+
+    def _fuse(self, source: Sourced, index: int, item: Any, vector: Any) -> list[dict[str, Any]]:
+        i = source.interaction
+        cube, event, at = i["cube_id"], i["event_id"], i["event_time"]
+        new_id = self._memory_id(source, index)
+        verdict = decide(self.memories, cube, item.text, item.key, vector, self.merge_threshold)
+        payload = plaintext_payload(
+            item.text,
+            embedding_bytes(vector),
+            self.embedder.model_id,
+            key=item.key,
+            tags=item.tags,
+            valid_from=at,
+            source=source.source_ref(),
+        )
+
+        def op(kind: str, target: str, version: int, **fields: Any) -> dict[str, Any]:
+            return make_op(
+                event_id=op_event_id(event, index, kind, target),
+                cube_id=cube,
+                memory_id=target,
+                version=version,
+                op=kind,
+                event_time=at,
+                actor=self.actor,
+                **fields,
+            )
+
+        ops: list[dict[str, Any]] = []
+        old = verdict.target
+        if verdict.decision == "MERGE" and old is not None:
+            merged = plaintext_payload(
+                item.text,
+                embedding_bytes(vector),
+                self.embedder.model_id,
+                key=item.key or old.key,
+                tags=union(old.tags, item.tags),
+                valid_from=old.valid_from,
+                source=source.source_ref(),
+            )
+            reason = f"repeat of {old.memory_id} (cosine {verdict.similarity:.3f})"
+            ops.append(
+                op("MERGE", old.memory_id, old.version + 1, caused_by=[event],
+                   superseded_by=new_id, reason=reason)
+            )  # fmt: skip
+            ops.append(
+                op("MERGE", new_id, 1, caused_by=union(old.caused_by, [event]),
+                   supersedes=[old.memory_id], reason=reason, payload=merged)
+            )  # fmt: skip
+        elif verdict.decision == "UPDATE" and old is not None:
+            closed = plaintext_payload(
+                old.text,
+                old.embedding,
+                old.embedding_model,
+                key=old.key,
+                tags=old.tags,
+                valid_from=old.valid_from,
+                valid_to=at,
+                source=old.source,
+            )
+            reason = f"newer fact about {item.key}"
+            ops.append(
+                op("UPDATE", old.memory_id, old.version + 1, caused_by=[event],
+                   superseded_by=new_id, reason=reason, payload=closed)
+            )  # fmt: skip
+            ops.append(
+                op("ADD", new_id, 1, caused_by=[event], supersedes=[old.memory_id],
+                   reason=reason, payload=payload)
+            )  # fmt: skip
+        else:
+            ops.append(op("ADD", new_id, 1, caused_by=[event], reason="extracted", payload=payload))
+        # Fold at once: the next item of this batch must see this decision.
+        for o in ops:
+            self.memories.apply(o)
+        return ops

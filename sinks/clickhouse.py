@@ -1,0 +1,164 @@
+"""The audit view: every memory op and every query in ClickHouse, and a memory's history.
+
+Tables are ReplacingMergeTree ordered by a key that ends in the event id, so an op delivered
+twice collapses to one row; readers that must count exactly use ``FINAL``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from processors.ops import payload_of
+from streams.consumer import Event
+
+DDL = [
+    """
+    CREATE TABLE IF NOT EXISTS memory_ops (
+        event_id String,
+        cube_id String,
+        memory_id String,
+        version UInt32,
+        op LowCardinality(String),
+        memory_type LowCardinality(String),
+        event_time DateTime64(3, 'UTC'),
+        actor String,
+        caused_by Array(String),
+        supersedes Array(String),
+        superseded_by Nullable(String),
+        reason String,
+        text Nullable(String),
+        key Nullable(String),
+        tags Array(String),
+        valid_from Nullable(DateTime64(3, 'UTC')),
+        valid_to Nullable(DateTime64(3, 'UTC')),
+        payload String,
+        topic String,
+        partition UInt32,
+        offset UInt64,
+        ingested_at DateTime64(3, 'UTC') DEFAULT now64(3)
+    ) ENGINE = ReplacingMergeTree
+    ORDER BY (cube_id, memory_id, version, event_id)
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS queries (
+        event_id String,
+        cube_id String,
+        actor String,
+        query String,
+        top_k UInt16,
+        event_time DateTime64(3, 'UTC'),
+        memory_ids Array(String),
+        scores Array(Float32),
+        latency_ms Float32,
+        topic String,
+        partition UInt32,
+        offset UInt64
+    ) ENGINE = ReplacingMergeTree
+    ORDER BY (cube_id, event_time, event_id)
+    """,
+    """
+    CREATE VIEW IF NOT EXISTS memory_versions AS
+    SELECT memory_id, cube_id, version, op, event_time, text, key, valid_from, valid_to,
+           superseded_by, supersedes, caused_by, reason, actor
+    FROM memory_ops FINAL
+    """,
+]
+
+OP_COLUMNS = [
+    "event_id", "cube_id", "memory_id", "version", "op", "memory_type", "event_time", "actor",
+    "caused_by", "supersedes", "superseded_by", "reason", "text", "key", "tags", "valid_from",
+    "valid_to", "payload", "topic", "partition", "offset",
+]  # fmt: skip
+QUERY_COLUMNS = [
+    "event_id", "cube_id", "actor", "query", "top_k", "event_time", "memory_ids", "scores",
+    "latency_ms", "topic", "partition", "offset",
+]  # fmt: skip
+HISTORY_COLUMNS = [
+    "memory_id", "version", "op", "event_time", "text", "key", "valid_from", "valid_to",
+    "superseded_by", "supersedes", "caused_by", "reason", "actor",
+]  # fmt: skip
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    raise TypeError(type(value).__name__)
+
+
+class ClickHouseSink:
+    """Inserts op and query rows; reads history and runs audit SQL."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        for statement in DDL:
+            self.client.command(statement)
+
+    def write_ops(self, events: Sequence[Event]) -> int:
+        rows = []
+        for e in events:
+            op = e.value
+            payload = payload_of(op) or {}
+            rows.append(
+                [
+                    op["event_id"], op["cube_id"], op["memory_id"], op["version"], op["op"],
+                    op["memory_type"], op["event_time"], op["actor"], op["caused_by"],
+                    op["supersedes"], op.get("superseded_by"), op["reason"],
+                    payload.get("text"), payload.get("key"), list(payload.get("tags", [])),
+                    payload.get("valid_from"), payload.get("valid_to"),
+                    json.dumps(
+                        {k: v for k, v in payload.items() if k != "embedding"},
+                        default=_json_default,
+                    ),
+                    e.topic, e.partition, e.offset,
+                ]
+            )  # fmt: skip
+        if rows:
+            self.client.insert("memory_ops", rows, column_names=OP_COLUMNS)
+        return len(rows)
+
+    def write_queries(self, events: Sequence[Event]) -> int:
+        rows = [
+            [
+                q["event_id"], q["cube_id"], q["actor"], q["query"], q["top_k"], q["event_time"],
+                [r["memory_id"] for r in q["results"]], [r["score"] for r in q["results"]],
+                q["latency_ms"], e.topic, e.partition, e.offset,
+            ]
+            for e in events
+            for q in [e.value]
+        ]  # fmt: skip
+        if rows:
+            self.client.insert("queries", rows, column_names=QUERY_COLUMNS)
+        return len(rows)
+
+    def history(self, memory_id: str, max_hops: int = 64) -> list[dict[str, Any]]:
+        """Every version of the memory and of the memories it replaced or that replaced it."""
+        lineage, frontier = set(), {memory_id}
+        rows: list[dict[str, Any]] = []
+        for _ in range(max_hops):
+            if not frontier:
+                break
+            lineage |= frontier
+            found = self.query(
+                f"SELECT {', '.join(HISTORY_COLUMNS)} FROM memory_versions "
+                "WHERE memory_id IN {ids:Array(String)}",
+                {"ids": sorted(frontier)},
+            )
+            rows.extend(found)
+            linked = {r["superseded_by"] for r in found if r["superseded_by"]}
+            linked |= {s for r in found for s in r["supersedes"]}
+            frontier = linked - lineage
+        return sorted(rows, key=lambda r: (r["event_time"], r["memory_id"], r["version"]))
+
+    def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        result = self.client.query(sql, parameters=parameters or {})
+        return [dict(zip(result.column_names, row, strict=True)) for row in result.result_rows]
+
+    def count_ops(self, cube_id: str | None = None) -> int:
+        where = "WHERE cube_id = {c:String}" if cube_id else ""
+        rows = self.query(f"SELECT count() AS n FROM memory_ops FINAL {where}", {"c": cube_id})
+        return int(rows[0]["n"])

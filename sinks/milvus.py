@@ -1,0 +1,122 @@
+"""The plaintext view: active plaintext memories and their vectors in Milvus.
+
+Rows are whole memory states keyed by memory id, written by upsert, so delivering an op twice
+(or writing a state newer than the op that triggered it) changes nothing. Memories that are not
+active (merged, archived, expired, deleted) leave the collection; the vault keeps archived ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pymilvus import DataType, MilvusClient
+
+from processors.embedder import DIM
+from processors.fold import Memory
+from processors.ops import embedding_vector
+
+COLLECTION = "memories"
+NO_TIME = -1
+OUTPUT_FIELDS = [
+    "memory_id", "cube_id", "version", "text", "key", "tags", "created_at", "updated_at",
+    "valid_from", "valid_to", "session_id", "turn_id", "source_event_id",
+]  # fmt: skip
+
+
+def _ms(value: Any) -> int:
+    return int(value.timestamp() * 1000) if value is not None else NO_TIME
+
+
+@dataclass(frozen=True)
+class Hit:
+    memory_id: str
+    score: float
+    row: dict[str, Any]
+
+
+class MilvusSink:
+    """Writes memory states to the collection and answers filtered vector searches."""
+
+    def __init__(self, client: MilvusClient, collection: str = COLLECTION) -> None:
+        self.client = client
+        self.collection = collection
+        self._ensure()
+
+    def _ensure(self) -> None:
+        if self.client.has_collection(self.collection):
+            self.client.load_collection(self.collection)
+            return
+        schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("memory_id", DataType.VARCHAR, is_primary=True, max_length=64)
+        schema.add_field("cube_id", DataType.VARCHAR, max_length=256)
+        schema.add_field("version", DataType.INT64)
+        schema.add_field("text", DataType.VARCHAR, max_length=65535)
+        schema.add_field("key", DataType.VARCHAR, max_length=512)
+        schema.add_field(
+            "tags", DataType.ARRAY, element_type=DataType.VARCHAR, max_capacity=64, max_length=128
+        )
+        for name in ("created_at", "updated_at", "valid_from", "valid_to"):
+            schema.add_field(name, DataType.INT64)
+        schema.add_field("session_id", DataType.VARCHAR, max_length=256)
+        schema.add_field("turn_id", DataType.VARCHAR, max_length=128)
+        schema.add_field("source_event_id", DataType.VARCHAR, max_length=64)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=DIM)
+        index = self.client.prepare_index_params()
+        index.add_index("vector", index_type="AUTOINDEX", metric_type="COSINE")
+        self.client.create_collection(self.collection, schema=schema, index_params=index)
+
+    def write(self, memories: Iterable[Memory]) -> tuple[int, int]:
+        """Upsert the searchable states, delete the others; return (upserted, deleted)."""
+        latest = {m.memory_id: m for m in memories if m.memory_type == "PLAINTEXT"}
+        rows = [self._row(m) for m in latest.values() if m.searchable]
+        gone = [m.memory_id for m in latest.values() if not m.searchable]
+        if rows:
+            self.client.upsert(self.collection, rows)
+        if gone:
+            self.client.delete(self.collection, ids=gone)
+        return len(rows), len(gone)
+
+    @staticmethod
+    def _row(m: Memory) -> dict[str, Any]:
+        source = m.source or {}
+        return {
+            "memory_id": m.memory_id,
+            "cube_id": m.cube_id,
+            "version": m.version,
+            "text": m.text,
+            "key": m.key or "",
+            "tags": [t[:128] for t in m.tags[:64]],
+            "created_at": _ms(m.created_at),
+            "updated_at": _ms(m.updated_at),
+            "valid_from": _ms(m.valid_from),
+            "valid_to": _ms(m.valid_to),
+            "session_id": source.get("session_id") or "",
+            "turn_id": source.get("turn_id") or "",
+            "source_event_id": source.get("event_id") or "",
+            "vector": embedding_vector(m.embedding).tolist(),
+        }
+
+    def search(self, vector: Sequence[float], filter_expr: str, limit: int) -> list[Hit]:
+        results = self.client.search(
+            self.collection,
+            data=[list(map(float, vector))],
+            limit=limit,
+            filter=filter_expr,
+            output_fields=OUTPUT_FIELDS,
+            search_params={"metric_type": "COSINE"},
+        )[0]
+        return [Hit(h["memory_id"], float(h["distance"]), dict(h["entity"])) for h in results]
+
+    def rows(self, filter_expr: str, limit: int = 16384) -> list[dict[str, Any]]:
+        return self.client.query(
+            self.collection, filter=filter_expr, output_fields=OUTPUT_FIELDS, limit=limit
+        )
+
+    def get(self, memory_ids: Sequence[str]) -> list[dict[str, Any]]:
+        return self.client.get(self.collection, ids=list(memory_ids), output_fields=OUTPUT_FIELDS)
+
+    def count(self, filter_expr: str = "") -> int:
+        result = self.client.query(self.collection, filter=filter_expr, output_fields=["count(*)"])
+        return int(result[0]["count(*)"])

@@ -1,0 +1,227 @@
+"""The HTTP API, served by the worker: publish, search, memories, history, audit, status.
+
+OpenAPI docs at ``/docs``. The worker owns the embedded stores, so the API runs in its process.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import Body, FastAPI, HTTPException, Query
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
+
+from streams.events import Interaction, Role, utcnow
+from streams.producer import ContentTooLarge, EventProducer
+from streams.search import build_filter
+from streams.settings import Settings
+from streams.topics import QUERIES
+from streams.worker import Worker
+
+
+class InteractionIn(BaseModel):
+    """An interaction as an agent posts it; the cube comes from the path."""
+
+    content: str = Field(min_length=1)
+    speaker: str = Field(min_length=1)
+    session_id: str = "default"
+    turn_id: str | None = None
+    actor: str = "api"
+    role: Role = "USER"
+    event_time: datetime | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+    event_id: str | None = None
+
+
+class Published(BaseModel):
+    event_id: str
+    topic: str
+    partition: int
+    offset: int
+
+
+READ_ONLY_SQL = re.compile(r"^\s*(select|with|show|describe|desc|explain)\b", re.IGNORECASE)
+
+
+class AuditQuery(BaseModel):
+    sql: str = Field(min_length=1)
+
+
+class SearchHit(BaseModel):
+    memory_id: str
+    score: float
+    text: str
+    dense_rank: int | None
+    keyword_rank: int | None
+    version: int
+    tags: list[str]
+    valid_from: int
+    valid_to: int
+    session_id: str
+    turn_id: str
+    source_event_id: str
+
+
+class SearchResponse(BaseModel):
+    query_id: str
+    hits: list[SearchHit]
+    timing_ms: dict[str, float]
+
+
+def create_app(settings: Settings | None = None, worker: Worker | None = None) -> FastAPI:
+    settings = settings or Settings()
+    state: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        w = worker or Worker(settings)
+        w.start()
+        state["worker"] = w
+        state["producer"] = EventProducer(settings, w.codec)
+        try:
+            yield
+        finally:
+            w.stop()
+            state["producer"].close()
+
+    app = FastAPI(
+        title="memstream",
+        summary="A memory operating system for LLM agents, on Kafka.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+
+    def the_worker() -> Worker:
+        return state["worker"]
+
+    @app.post("/v1/cubes/{cube_id}/interactions", response_model=list[Published])
+    async def publish(
+        cube_id: str, interactions: Annotated[list[InteractionIn], Body(min_length=1)]
+    ) -> list[Published]:
+        """Publish interactions to the log; returns once the broker acknowledged them."""
+        events = [
+            Interaction(
+                cube_id=cube_id,
+                **i.model_dump(exclude_none=True, exclude={"event_time", "event_id"}),
+                event_time=i.event_time or utcnow(),
+                event_id=i.event_id or str(uuid.uuid4()),
+            )
+            for i in interactions
+        ]
+        try:
+            delivered = await run_in_threadpool(state["producer"].publish_interactions, events)
+        except ContentTooLarge as exc:
+            raise HTTPException(413, str(exc)) from exc
+        return [
+            Published(event_id=e.event_id, topic=d.topic, partition=d.partition, offset=d.offset)
+            for e, d in zip(events, delivered, strict=True)
+        ]
+
+    @app.get("/v1/cubes/{cube_id}/search", response_model=SearchResponse)
+    async def search(
+        cube_id: str,
+        q: Annotated[str, Query(min_length=1, description="What to look for.")],
+        top_k: Annotated[int, Query(ge=1, le=200)] = 10,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        tags: Annotated[list[str] | None, Query()] = None,
+        include_history: bool = False,
+        actor: str = "api",
+    ) -> SearchResponse:
+        """Hybrid search (dense + BM25, fused by RRF); publishes a QueryEvent."""
+        worker = the_worker()
+        started = time.perf_counter()
+        results = await run_in_threadpool(
+            worker.searcher.search, cube_id, q, top_k, since, until, tags, include_history
+        )
+        latency = (time.perf_counter() - started) * 1e3
+        query_id = str(uuid.uuid4())
+        state["producer"].publish_nowait(
+            settings.topic(QUERIES.name),
+            cube_id,
+            QUERIES.record,
+            {
+                "event_id": query_id,
+                "cube_id": cube_id,
+                "actor": actor,
+                "query": q,
+                "top_k": top_k,
+                "event_time": utcnow(),
+                "results": [{"memory_id": r.memory_id, "score": r.score} for r in results],
+                "latency_ms": latency,
+            },
+        )
+        hits = [
+            SearchHit(
+                memory_id=r.memory_id,
+                score=r.score,
+                text=r.text,
+                dense_rank=r.dense_rank,
+                keyword_rank=r.keyword_rank,
+                **{k: r.row[k] for k in ("version", "valid_from", "valid_to", "session_id",
+                                          "turn_id", "source_event_id")},
+                tags=list(r.row.get("tags") or []),
+            )
+            for r in results
+        ]  # fmt: skip
+        return SearchResponse(
+            query_id=query_id, hits=hits, timing_ms={**worker.searcher.last_timing,
+                                                     "total_ms": latency}
+        )  # fmt: skip
+
+    @app.get("/v1/memories/{memory_id}")
+    async def memory(memory_id: str) -> dict[str, Any]:
+        """The memory's current state (any status), from the fold of the log."""
+        found = the_worker().memories.get(memory_id)
+        if found is None:
+            raise HTTPException(404, f"no memory {memory_id}")
+        body = asdict(found)
+        body.pop("embedding")
+        return body
+
+    @app.get("/v1/memories/{memory_id}/history")
+    async def history(memory_id: str) -> list[dict[str, Any]]:
+        """Every version of the memory and of those it replaced or that replaced it."""
+        rows = await run_in_threadpool(the_worker().history, memory_id)
+        if not rows:
+            raise HTTPException(404, f"no history for {memory_id}")
+        return rows
+
+    @app.get("/v1/cubes/{cube_id}/memories")
+    async def memories(
+        cube_id: str, limit: Annotated[int, Query(ge=1, le=16384)] = 1000
+    ) -> list[dict[str, Any]]:
+        """The cube's rows in the plaintext view (Milvus), without vectors."""
+        expr = build_filter(cube_id, include_history=True)
+        return await run_in_threadpool(the_worker().milvus.rows, expr, limit)
+
+    @app.post("/v1/audit")
+    async def audit(body: AuditQuery) -> list[dict[str, Any]]:
+        """Read-only SQL on the audit tables (memory_ops, queries, memory_versions)."""
+        if not READ_ONLY_SQL.match(body.sql):
+            raise HTTPException(400, "only SELECT / WITH / SHOW / DESCRIBE queries are allowed")
+        try:
+            return await run_in_threadpool(the_worker().audit, body.sql)
+        except Exception as exc:
+            raise HTTPException(400, f"query failed: {exc}") from exc
+
+    @app.get("/v1/status")
+    async def status() -> dict[str, Any]:
+        worker = the_worker()
+        lag = await run_in_threadpool(worker.lag)
+        return {
+            "caught_up": worker.caught_up.is_set(),
+            "running": worker.running,
+            "lag": lag,
+            "counters": dict(worker.counters),
+            "failure": repr(worker.failure) if worker.failure else None,
+        }
+
+    return app

@@ -1,0 +1,128 @@
+"""Python SDK for the HTTP API: :class:`MemoryClient` (sync) and :class:`AsyncMemoryClient`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+import httpx
+
+from streams.settings import Settings
+
+
+def _interaction_json(item: dict[str, Any]) -> dict[str, Any]:
+    body = dict(item)
+    if isinstance(body.get("event_time"), datetime):
+        body["event_time"] = body["event_time"].isoformat()
+    return body
+
+
+def _search_params(q: str, top_k: int, **filters: Any) -> dict[str, Any]:
+    params: dict[str, Any] = {"q": q, "top_k": top_k}
+    for key, value in filters.items():
+        if value is None or value is False:
+            continue
+        params[key] = value.isoformat() if isinstance(value, datetime) else value
+    return params
+
+
+class MemoryClient:
+    """Publish, search and inspect memories through a running ``memstream serve``."""
+
+    def __init__(self, base_url: str | None = None, timeout: float = 60.0) -> None:
+        self._http = httpx.Client(base_url=base_url or Settings().api_url, timeout=timeout)
+
+    def publish(self, cube_id: str, interactions: Iterable[dict[str, Any]]) -> list[dict]:
+        """Publish interactions (dicts with content, speaker, ...); returns their log positions."""
+        body = [_interaction_json(i) for i in interactions]
+        return self._ok(self._http.post(f"/v1/cubes/{cube_id}/interactions", json=body))
+
+    def search(self, cube_id: str, q: str, top_k: int = 10, **filters: Any) -> dict[str, Any]:
+        """filters: since, until (datetimes), tags (list), include_history (bool), actor."""
+        params = _search_params(q, top_k, **filters)
+        return self._ok(self._http.get(f"/v1/cubes/{cube_id}/search", params=params))
+
+    def memory(self, memory_id: str) -> dict[str, Any]:
+        return self._ok(self._http.get(f"/v1/memories/{memory_id}"))
+
+    def history(self, memory_id: str) -> list[dict[str, Any]]:
+        return self._ok(self._http.get(f"/v1/memories/{memory_id}/history"))
+
+    def memories(self, cube_id: str, limit: int = 1000) -> list[dict[str, Any]]:
+        return self._ok(self._http.get(f"/v1/cubes/{cube_id}/memories", params={"limit": limit}))
+
+    def audit(self, sql: str) -> list[dict[str, Any]]:
+        return self._ok(self._http.post("/v1/audit", json={"sql": sql}))
+
+    def status(self) -> dict[str, Any]:
+        return self._ok(self._http.get("/v1/status"))
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        """Wait until the worker answers and its fold has caught up with the log."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.status()["caught_up"]:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"memstream at {self._http.base_url} not ready after {timeout}s")
+
+    def wait_drained(self, timeout: float = 300.0) -> None:
+        """Wait until every published interaction is read and every op is in the views."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.status()
+            if status["failure"]:
+                raise RuntimeError(f"worker failed: {status['failure']}")
+            if status["caught_up"] and not any(status["lag"].values()):
+                return
+            time.sleep(0.3)
+        raise TimeoutError(f"pipeline not drained after {timeout}s: {self.status()['lag']}")
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> MemoryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @staticmethod
+    def _ok(response: httpx.Response) -> Any:
+        if response.is_error:
+            raise httpx.HTTPStatusError(
+                f"{response.status_code} {response.text[:500]}",
+                request=response.request,
+                response=response,
+            )
+        return response.json()
+
+
+class AsyncMemoryClient:
+    """The same calls as :class:`MemoryClient`, for asyncio agents."""
+
+    def __init__(self, base_url: str | None = None, timeout: float = 60.0) -> None:
+        self._http = httpx.AsyncClient(base_url=base_url or Settings().api_url, timeout=timeout)
+
+    async def publish(self, cube_id: str, interactions: Iterable[dict[str, Any]]) -> list[dict]:
+        body = [_interaction_json(i) for i in interactions]
+        response = await self._http.post(f"/v1/cubes/{cube_id}/interactions", json=body)
+        return MemoryClient._ok(response)
+
+    async def search(self, cube_id: str, q: str, top_k: int = 10, **filters: Any) -> dict[str, Any]:
+        params = _search_params(q, top_k, **filters)
+        return MemoryClient._ok(await self._http.get(f"/v1/cubes/{cube_id}/search", params=params))
+
+    async def memory(self, memory_id: str) -> dict[str, Any]:
+        return MemoryClient._ok(await self._http.get(f"/v1/memories/{memory_id}"))
+
+    async def history(self, memory_id: str) -> list[dict[str, Any]]:
+        return MemoryClient._ok(await self._http.get(f"/v1/memories/{memory_id}/history"))
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
