@@ -1,0 +1,80 @@
+"""Run `memstream serve` as a real separate process (so a test can kill -9 it)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from streams.client import MemoryClient
+from streams.settings import Settings
+from streams.topics import ensure_topics
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """A worker with its own topics, data dir and port, against the shared Kafka and MinIO."""
+
+    def __init__(self, base: Settings, data_dir: Path, prefix: str | None = None) -> None:
+        self.settings = base.model_copy(
+            update={
+                "data_dir": data_dir,
+                "topic_prefix": prefix or f"test-{uuid.uuid4().hex[:8]}.",
+                "api_port": free_port(),
+            }
+        )
+        ensure_topics(self.settings)
+        self.log = data_dir / "serve.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.client = MemoryClient(self.settings.api_url, timeout=120)
+
+    def env(self) -> dict[str, str]:
+        s = self.settings
+        return {
+            **os.environ,
+            "MEMSTREAM_DATA_DIR": str(s.data_dir),
+            "MEMSTREAM_TOPIC_PREFIX": s.topic_prefix,
+            "MEMSTREAM_API_PORT": str(s.api_port),
+            "MEMSTREAM_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
+            "MEMSTREAM_MINIO_ENDPOINT": s.minio_endpoint,
+        }
+
+    def start(self, timeout: float = 240) -> ServeProcess:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "streams.cli", "serve"],
+                env=self.env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            self.client.wait_ready(timeout)
+        except TimeoutError:
+            self.stop()
+            raise AssertionError(f"worker did not start: {self.log.read_text()[-3000:]}") from None
+        return self
+
+    def kill(self) -> None:
+        """kill -9: no shutdown hook runs, nothing is flushed or committed."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)

@@ -1,0 +1,187 @@
+"""The memory pipeline end to end on the real services, through `memstream serve`."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from schemas import Codec
+from streams import locomo
+from streams.consumer import EventConsumer
+from streams.producer import EventProducer
+from streams.settings import Settings
+from streams.topics import DLQ, INTERACTIONS
+from tests.integration.serve import ServeProcess
+
+pytestmark = pytest.mark.integration
+
+MAY_8 = datetime(2023, 5, 8, 13, 56, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def worker(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    serve = ServeProcess(settings, tmp_path_factory.mktemp("pipeline")).start()
+    yield serve
+    serve.stop()
+
+
+def turn(content: str, speaker: str = "Caroline", at: datetime = MAY_8, **extra: str) -> dict:
+    return {"content": content, "speaker": speaker, "event_time": at, **extra}
+
+
+def evidence_ids(qa: dict) -> set[str]:
+    ids = set()
+    for raw in qa.get("evidence", []):
+        for part in re.split(r"[;,]", raw):
+            match = re.match(r"\s*D:?(\d+):0*(\d+)", part)
+            if match:
+                ids.add(f"D{match[1]}:{match[2]}")
+    return ids
+
+
+def test_locomo_evidence_is_found_by_search(worker: ServeProcess) -> None:
+    sample = locomo.load()[0]
+    cube = f"locomo-{uuid.uuid4().hex[:6]}"
+    turns = [i.model_dump(exclude={"cube_id"}) for i in locomo.interactions(sample, cube)]
+    for start in range(0, len(turns), 200):
+        worker.client.publish(cube, turns[start : start + 200])
+    worker.client.wait_drained(300)
+
+    questions = [qa for qa in sample.qa if qa.get("category") != 5 and evidence_ids(qa)]
+    hits = 0
+    for qa in questions:
+        found = worker.client.search(cube, qa["question"], top_k=10)["hits"]
+        if evidence_ids(qa) & {h["turn_id"] for h in found}:
+            hits += 1
+    print(f"\nevidence in top 10 for {hits}/{len(questions)} questions")
+    assert hits >= 20
+    assert hits / len(questions) > 0.5
+
+
+def test_relative_dates_are_resolved(worker: ServeProcess) -> None:
+    cube = f"dates-{uuid.uuid4().hex[:6]}"
+    worker.client.publish(cube, [turn("I went to the pottery workshop yesterday with my mom.")])
+    worker.client.wait_drained()
+    hit = worker.client.search(cube, "pottery workshop", top_k=1)["hits"][0]
+    assert "7 May 2023" in hit["text"]
+    assert hit["text"].startswith("Caroline said:")
+
+
+def test_repeat_merges_and_change_updates_with_history(worker: ServeProcess) -> None:
+    cube = f"facts-{uuid.uuid4().hex[:6]}"
+    client = worker.client
+    client.publish(cube, [turn("I moved to Boston for my new studio in the arts district.")])
+    client.wait_drained()
+    first = client.search(cube, "Where does Caroline live?", top_k=1)["hits"][0]
+
+    client.publish(
+        cube,
+        [
+            turn(
+                "I moved to Boston for my new studio in the arts district.", at=MAY_8 + timedelta(1)
+            )
+        ],
+    )
+    client.wait_drained()
+    rows = client.memories(cube)
+    assert len(rows) == 1, "a repeat must not become a second copy"
+    merged = rows[0]
+    assert merged["memory_id"] != first["memory_id"]
+    old = client.memory(first["memory_id"])
+    assert old["status"] == "merged" and old["superseded_by"] == merged["memory_id"]
+    new = client.memory(merged["memory_id"])
+    assert len(new["caused_by"]) == 2, "the merged memory has the provenance of both"
+    assert new["supersedes"] == [first["memory_id"]]
+
+    moved = MAY_8 + timedelta(days=40)
+    client.publish(cube, [turn("I moved to Lisbon to be close to the ocean.", at=moved)])
+    client.wait_drained()
+    current = client.search(cube, "Where does Caroline live?", top_k=5)["hits"]
+    assert [h["text"] for h in current] == [
+        "Caroline said: I moved to Lisbon to be close to the ocean."
+    ]
+    with_history = client.search(cube, "Caroline moved", top_k=5, include_history=True)["hits"]
+    assert len(with_history) == 2
+    boston = client.memory(merged["memory_id"])
+    assert boston["valid_to"] is not None
+    assert datetime.fromisoformat(boston["valid_to"]) == moved
+    lisbon_id = boston["superseded_by"]
+
+    history = client.history(lisbon_id)
+    ops = [(r["memory_id"], r["version"], r["op"]) for r in history]
+    assert (first["memory_id"], 1, "ADD") in ops
+    assert (first["memory_id"], 2, "MERGE") in ops
+    assert (merged["memory_id"], 1, "MERGE") in ops
+    assert (merged["memory_id"], 2, "UPDATE") in ops
+    assert (lisbon_id, 1, "ADD") in ops
+    closing = next(r for r in history if r["op"] == "UPDATE")
+    assert closing["valid_to"] is not None and "Boston" in closing["text"]
+
+
+def test_malformed_interactions_go_to_the_dlq_and_the_worker_goes_on(
+    worker: ServeProcess, group_id: str
+) -> None:
+    s = worker.settings
+    topic = s.topic(INTERACTIONS.name)
+    cube = f"bad-{uuid.uuid4().hex[:6]}"
+    codec = Codec()
+    base = {
+        "event_id": "",
+        "cube_id": cube,
+        "session_id": "s",
+        "turn_id": None,
+        "actor": "test",
+        "speaker": "Caroline",
+        "role": "USER",
+        "content": "x",
+        "event_time": MAY_8,
+        "metadata": {},
+    }
+    no_cube = {**base, "event_id": str(uuid.uuid4()), "cube_id": "  "}
+    too_big = {**base, "event_id": str(uuid.uuid4()), "content": "y" * (s.max_event_bytes + 10)}
+    with EventProducer(s) as producer:
+        bad = [
+            producer.publish_raw(topic, cube.encode(), b"\x00 not avro at all"),
+            producer.publish_raw(topic, cube.encode(), codec.encode("Interaction", no_cube)),
+            producer.publish_raw(topic, cube.encode(), codec.encode("Interaction", too_big)),
+        ]
+    worker.client.publish(cube, [turn("After the bad ones, I adopted a cat named Luna.")])
+    worker.client.wait_drained()
+    assert "Luna" in worker.client.search(cube, "cat", top_k=1)["hits"][0]["text"]
+
+    wanted = {(d.partition, d.offset) for d in bad}
+    letters: dict[tuple[int, int], dict] = {}
+    with EventConsumer([s.topic(DLQ.name)], group_id, s) as dlq:
+        for _ in range(60):
+            for e in dlq.poll_batch(500, 0.5):
+                letters[(e.value["partition"], e.value["offset"])] = e.value
+            if wanted <= set(letters):
+                break
+    reasons = [letters[(d.partition, d.offset)]["error"] for d in bad]
+    assert "missing C3 01 header" in reasons[0]
+    assert reasons[1] == "missing cube_id"
+    assert "over the limit" in reasons[2]
+
+
+def test_every_search_is_audited(worker: ServeProcess) -> None:
+    cube = f"audit-{uuid.uuid4().hex[:6]}"
+    worker.client.publish(cube, [turn("I started learning the violin in March.")])
+    worker.client.wait_drained()
+    response = worker.client.search(cube, "violin", top_k=3)
+    query_id = response["query_id"]
+    for _ in range(60):
+        rows = worker.client.audit(
+            f"SELECT query, memory_ids FROM queries FINAL WHERE event_id = '{query_id}'"
+        )
+        if rows:
+            break
+        time.sleep(0.5)
+    assert rows and rows[0]["query"] == "violin"
+    assert rows[0]["memory_ids"] == [h["memory_id"] for h in response["hits"]]
+    with pytest.raises(Exception, match="only SELECT"):
+        worker.client.audit("DROP TABLE memory_ops")
