@@ -136,6 +136,18 @@ class EventConsumer:
                 idle_since = time.monotonic()
         return events
 
+    def take_offsets(self) -> list[TopicPartition]:
+        """Offsets past every event returned so far, for a producer transaction to commit; this
+        consumer will not commit them itself."""
+        self._done.update(self._pending)
+        self._pending.clear()
+        offsets = [TopicPartition(t, p, o) for (t, p), o in self._done.items()]
+        self._done.clear()
+        return offsets
+
+    def group_metadata(self) -> Any:
+        return self._consumer.consumer_group_metadata()
+
     def commit(self) -> None:
         """Mark every event returned so far as done and commit synchronously."""
         self._mark_done()

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from schemas import Codec
 from streams.events import Interaction
@@ -68,6 +68,9 @@ class EventProducer:
             }
         )
         self._lock = threading.Lock()
+        self.transactional = "transactional.id" in (config or {})
+        if self.transactional:
+            self._producer.init_transactions(60)
 
     def publish(
         self, topic: str, key: str | bytes | None, record: str, value: Mapping[str, Any]
@@ -125,6 +128,35 @@ class EventProducer:
         if not box or isinstance(box[0], str):
             raise PublishError([(0, box[0] if box else "no delivery report")])
         return box[0]
+
+    def publish_transaction(
+        self,
+        topic: str,
+        record: str,
+        items: Iterable[tuple[str | bytes | None, Mapping[str, Any]]],
+        offsets: list[TopicPartition],
+        group_metadata: Any,
+        timeout: float = 60.0,
+    ) -> None:
+        """Publish events and commit the consumer offsets they came from, atomically.
+
+        Kafka's consume-transform-produce transaction: after a crash either both the events and
+        the offsets are in the log, or neither is (read_committed consumers never see a half).
+        """
+        if not self.transactional:
+            raise RuntimeError("publish_transaction needs a producer with a transactional.id")
+        with self._lock:
+            self._producer.begin_transaction()
+            try:
+                for key, value in items:
+                    self._produce(topic, key, self.codec.encode(record, value), None)
+                if offsets:
+                    self._producer.send_offsets_to_transaction(offsets, group_metadata, timeout)
+                self._producer.commit_transaction(timeout)
+            except KafkaException as exc:
+                if exc.args[0].txn_requires_abort():
+                    self._producer.abort_transaction(timeout)
+                raise
 
     def publish_nowait(
         self, topic: str, key: str | bytes | None, record: str, value: Mapping[str, Any]

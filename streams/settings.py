@@ -66,6 +66,10 @@ class Settings(BaseSettings):
         default=256 * 1024, description="Largest interaction content accepted, in bytes."
     )
 
+    worker_id: str = Field(
+        default="0",
+        description="Stable id of this worker among N; names its Kafka transactional producer.",
+    )
     api_host: str = "127.0.0.1"
     api_port: int = 8080
     reader_batch: int = Field(

@@ -6,8 +6,9 @@ Three threads, each a consumer of one topic:
   :class:`CubeMemories` (the reader's state, rebuilt from the log at every start) and, for ops past
   the views' committed offsets, writes Milvus, the MinIO vault and ClickHouse, then commits.
 - **reader** (``interactions``): waits until the fold has caught up with the log, then batches
-  interactions, runs :class:`MemReader` and publishes its ops; an interaction is marked done only
-  after its ops are acknowledged.
+  interactions, runs :class:`MemReader` and publishes its ops and its consumer offsets in one
+  Kafka transaction: after a crash either both are in the log or neither is, and the ops that
+  are in the log are already in the fold, so nothing is lost, repeated or half-applied.
 - **query audit** (``queries``): writes QueryEvents to ClickHouse.
 
 With embedded milvus-lite and chdb one worker owns the stores; with servers configured, N workers
@@ -155,18 +156,14 @@ class Worker:
             end = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), 30)[1]
                    for p in partitions}  # fmt: skip
             consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-            position = dict.fromkeys(partitions, 0)
-            self._check_caught_up(position, end)
+            written = dict(committed)
             while not self._stop.is_set():
                 messages = consumer.consume(1000, 0.2)
-                if not messages:
-                    continue
                 to_write: list[Event] = []
                 for msg in messages:
                     if msg.error() is not None:
                         raise RuntimeError(f"memory-ops consumer: {msg.error()}")
                     event = self._decode_op(msg)
-                    position[msg.partition()] = msg.offset() + 1
                     if event is None:
                         continue
                     self.memories.apply(event.value)
@@ -175,17 +172,20 @@ class Worker:
                         to_write.append(event)
                 if to_write:
                     self._write_views(to_write)
-                    consumer.commit(
-                        offsets=[TopicPartition(topic, p, o) for p, o in position.items() if o],
-                        asynchronous=False,
-                    )
+                # The fetch position, unlike last offset + 1, steps over transaction markers.
+                position = {tp.partition: tp.offset for tp in consumer.position(tps)}
+                advanced = [TopicPartition(topic, p, o) for p, o in position.items()
+                            if o > max(written[p], 0)]  # fmt: skip
+                if advanced:
+                    consumer.commit(offsets=advanced, asynchronous=False)
+                    written.update({tp.partition: tp.offset for tp in advanced})
                 if not self.caught_up.is_set():
                     self._check_caught_up(position, end)
         finally:
             consumer.close()
 
     def _check_caught_up(self, position: dict[int, int], end: dict[int, int]) -> None:
-        if all(position[p] >= end[p] for p in end):
+        if all(end[p] == 0 or position[p] >= end[p] for p in end):
             log.info("fold caught up with memory-ops: %d ops", self.counters["ops_folded"])
             self.caught_up.set()
 
@@ -242,23 +242,35 @@ class Worker:
             self.codec,
             validator=interaction_validator(self.settings),
             dead_letters=self.producer,
+            commit_interval=float("inf"),
+        )
+        transactions = EventProducer(
+            self.settings,
+            self.codec,
+            {"transactional.id": f"{self.settings.group('reader')}-{self.settings.worker_id}"},
         )
         try:
             while not self._stop.is_set():
                 batch = consumer.poll_batch(self.settings.reader_batch, 0.1)
-                if not batch:
+                offsets = consumer.take_offsets()
+                if not offsets:
                     continue
                 ops = self.reader.process(
                     [Sourced(e.value, e.topic, e.partition, e.offset) for e in batch]
                 )
-                if ops:
-                    self.producer.publish_many(topic, MEMORY_OPS.record,
-                                               [(op["cube_id"], op) for op in ops])  # fmt: skip
+                # The ops and the reader's offsets commit together, or not at all.
+                transactions.publish_transaction(
+                    topic,
+                    MEMORY_OPS.record,
+                    [(op["cube_id"], op) for op in ops],
+                    offsets,
+                    consumer.group_metadata(),
+                )
                 self.counters["interactions"] += len(batch)
                 self.counters["ops_emitted"] += len(ops)
-            consumer.commit()
         finally:
             consumer.close()
+            transactions.close()
 
     # query audit -----------------------------------------------------------------------------
 
