@@ -18,6 +18,7 @@ from processors.fold import Memory
 from processors.ops import embedding_vector
 
 COLLECTION = "memories"
+FLUSH_EVERY = 1000
 NO_TIME = -1
 OUTPUT_FIELDS = [
     "memory_id", "cube_id", "version", "text", "key", "tags", "created_at", "updated_at",
@@ -42,6 +43,7 @@ class MilvusSink:
     def __init__(self, client: MilvusClient, collection: str = COLLECTION) -> None:
         self.client = client
         self.collection = collection
+        self.unflushed = 0
         self._ensure()
 
     def _ensure(self) -> None:
@@ -76,7 +78,16 @@ class MilvusSink:
             self.client.upsert(self.collection, rows)
         if gone:
             self.client.delete(self.collection, ids=gone)
+        self.unflushed += len(rows) + len(gone)
+        if self.unflushed >= FLUSH_EVERY:
+            self.flush()
         return len(rows), len(gone)
+
+    def flush(self) -> None:
+        """Seal the growing segment: milvus-lite scans unsealed rows one by one (a 10k-row
+        growing segment makes a filtered search ~30x slower than the same rows sealed)."""
+        self.client.flush(self.collection)
+        self.unflushed = 0
 
     @staticmethod
     def _row(m: Memory) -> dict[str, Any]:

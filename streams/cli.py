@@ -101,6 +101,19 @@ def serve(
 
 
 @app.command()
+def bench(
+    name: Annotated[str, typer.Argument(help="Which benchmark: pipeline.")] = "pipeline",
+    interactions: Annotated[int, typer.Option(help="Interactions to ingest.")] = 5000,
+) -> None:
+    """Run a benchmark against the running services; prints a table, writes bench/results."""
+    if name != "pipeline":
+        raise _fail(f"unknown benchmark {name!r} (known: pipeline)")
+    from bench import pipeline
+
+    pipeline.run(n=interactions)
+
+
+@app.command()
 def demo(
     data: Annotated[
         Path | None, typer.Option(help="A LoCoMo-format file (default: the dev conversations).")

@@ -99,23 +99,19 @@ class EventConsumer:
         seconds for the first. The events returned before are marked done."""
         self._mark_done()
         events: list[Event] = []
-        deadline = time.monotonic() + timeout
-        while len(events) < max_events:
-            remaining = max(0.0, deadline - time.monotonic()) if not events else 0.0
-            messages = self._consumer.consume(max_events - len(events), remaining)
-            if not messages:
-                break
-            for msg in messages:
-                if msg.error() is not None:
-                    if msg.error().code() == KafkaError._PARTITION_EOF:
-                        continue
-                    raise KafkaException(msg.error())
-                self._pending[(msg.topic(), msg.partition())] = msg.offset() + 1
-                event = self._decode(msg)
-                if event is not None:
-                    events.append(event)
-            if time.monotonic() >= deadline:
-                break
+        first = self._consumer.poll(timeout)
+        if first is None:
+            return events
+        # The first message ends the wait; the rest of the batch is whatever is ready now.
+        for msg in [first, *self._consumer.consume(max_events - 1, 0)]:
+            if msg.error() is not None:
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    continue
+                raise KafkaException(msg.error())
+            self._pending[(msg.topic(), msg.partition())] = msg.offset() + 1
+            event = self._decode(msg)
+            if event is not None:
+                events.append(event)
         return events
 
     def __iter__(self) -> Iterator[Event]:

@@ -158,7 +158,12 @@ class Worker:
             consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
             written = dict(committed)
             while not self._stop.is_set():
-                messages = consumer.consume(1000, 0.2)
+                first = consumer.poll(0.1)
+                if first is None:
+                    self._flush_views()
+                    messages = []
+                else:
+                    messages = [first, *consumer.consume(999, 0)]
                 to_write: list[Event] = []
                 for msg in messages:
                     if msg.error() is not None:
@@ -216,6 +221,12 @@ class Worker:
                 "failed_at": utcnow(),
             },
         )
+
+    def _flush_views(self) -> None:
+        """When the log goes quiet, seal what Milvus holds in memory (searches stay fast)."""
+        if self.milvus.unflushed:
+            with self._store_lock:
+                self.milvus.flush()
 
     def _write_views(self, events: list[Event]) -> None:
         """Write the latest state of every memory the ops touched, and the ops themselves."""

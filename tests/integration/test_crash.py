@@ -19,10 +19,10 @@ from processors.reader import MemReader, Sourced
 from schemas import Codec
 from streams import locomo
 from streams.events import Interaction
+from streams.local import ServeProcess
 from streams.producer import EventProducer
 from streams.settings import Settings
 from streams.topics import MEMORY_OPS
-from tests.integration.serve import ServeProcess
 
 pytestmark = pytest.mark.integration
 

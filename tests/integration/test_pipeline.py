@@ -13,10 +13,10 @@ import pytest
 from schemas import Codec
 from streams import locomo
 from streams.consumer import EventConsumer
+from streams.local import ServeProcess
 from streams.producer import EventProducer
 from streams.settings import Settings
 from streams.topics import DLQ, INTERACTIONS
-from tests.integration.serve import ServeProcess
 
 pytestmark = pytest.mark.integration
 

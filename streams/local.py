@@ -1,4 +1,5 @@
-"""Run `memstream serve` as a real separate process (so a test can kill -9 it)."""
+"""Run `memstream serve` as a separate local process: for the demo, the benchmarks and the
+tests (which kill -9 it)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class ServeProcess:
         self.settings = base.model_copy(
             update={
                 "data_dir": data_dir,
-                "topic_prefix": prefix or f"test-{uuid.uuid4().hex[:8]}.",
+                "topic_prefix": prefix or f"run-{uuid.uuid4().hex[:8]}.",
                 "api_port": free_port(),
             }
         )

@@ -1,0 +1,150 @@
+"""Ingest and search through the real pipeline, next to the embedder's own ceiling.
+
+Starts a worker (`memstream serve`) on fresh topics against the running Kafka and MinIO,
+publishes N LoCoMo turns spread over cubes as fast as the producer goes, and measures:
+
+- ingest throughput: interactions per second from the first publish until every op is in the
+  views (Milvus, ClickHouse);
+- event-to-searchable latency: a single new interaction, published to an idle pipeline, until a
+  search finds it (p50/p95/p99);
+- search latency at the resulting memory count, one client (p50/p95/p99, QPS) and where the
+  time goes (query embedding, Milvus, BM25);
+- the ceiling: MiniLM alone on the same memory texts, in this process.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+import uuid
+from itertools import cycle, islice
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import Progress
+
+from bench.report import percentiles, write
+from processors.embedder import default_embedder
+from processors.extract import RuleExtractor
+from streams import locomo
+from streams.events import Interaction
+from streams.local import ServeProcess
+from streams.producer import EventProducer
+from streams.settings import Settings
+
+
+def workload(n: int, cubes: int) -> list[Interaction]:
+    """N real turns, the LoCoMo conversations cycled, each pass into its own set of cubes."""
+    turns = [t for s in locomo.load() for t in locomo.interactions(s, "x")]
+    out = []
+    for index, t in enumerate(islice(cycle(turns), n)):
+        out.append(t.model_copy(update={
+            "cube_id": f"bench-{index // len(turns)}-{hash(t.session_id) % cubes}",
+            "event_id": str(uuid.uuid4()),
+        }))  # fmt: skip
+    return out
+
+
+def run(n: int = 5000, cubes: int = 10, probes: int = 30, queries: int = 300) -> dict[str, Any]:
+    console = Console()
+    base = Settings()
+    data = Path(tempfile.mkdtemp(prefix="memstream-bench-"))
+    worker = ServeProcess(base, data).start()
+    client = worker.client
+    try:
+        interactions = workload(n, cubes)
+        started = time.perf_counter()
+        with EventProducer(worker.settings) as producer, Progress(console=console) as progress:
+            task = progress.add_task("publishing", total=n)
+            for start in range(0, n, 1000):
+                producer.publish_interactions(interactions[start : start + 1000])
+                progress.advance(task, min(1000, n - start))
+        published = time.perf_counter() - started
+        with Progress(console=console) as progress:
+            task = progress.add_task("ingesting", total=n)
+            while True:
+                status = client.status()
+                progress.update(task, completed=status["counters"]["interactions"])
+                if status["failure"]:
+                    raise RuntimeError(status["failure"])
+                if status["caught_up"] and not any(status["lag"].values()):
+                    break
+                time.sleep(0.2)
+        ingest_s = time.perf_counter() - started
+        counters = client.status()["counters"]
+        memory_count = sum(
+            len(client.memories(c, 16384)) for c in {i.cube_id for i in interactions}
+        )
+
+        latencies = []
+        for probe in range(probes):
+            token = f"zq{uuid.uuid4().hex[:10]}"
+            cube = "bench-probe"
+            sent = time.perf_counter()
+            client.publish(cube, [{"content": f"My locker code word is {token} for the gym.",
+                                   "speaker": "Probe"}])  # fmt: skip
+            while not any(token in h["text"] for h in client.search(cube, token, 3)["hits"]):
+                time.sleep(0.01)
+            latencies.append((time.perf_counter() - sent) * 1e3)
+            del probe
+
+        questions = [qa["question"] for s in locomo.load() for qa in s.qa][:queries]
+        cube_ids = sorted({i.cube_id for i in interactions})
+        search_ms, parts = [], {"embed_ms": [], "dense_ms": [], "keyword_ms": []}
+        t0 = time.perf_counter()
+        for q, cube in zip(questions, cycle(cube_ids), strict=False):
+            s = time.perf_counter()
+            response = client.search(cube, q, 10)
+            search_ms.append((time.perf_counter() - s) * 1e3)
+            for key in parts:
+                parts[key].append(response["timing_ms"][key])
+        search_wall = time.perf_counter() - t0
+
+        texts = [
+            item.text
+            for i in interactions[:2000]
+            for item in RuleExtractor().extract(i.to_record())
+        ]
+        embedder = default_embedder()
+        embedder.encode(texts[:64])
+        e0 = time.perf_counter()
+        embedder.encode(texts)
+        embed_s = time.perf_counter() - e0
+        items_per_interaction = len(texts) / 2000
+        results = {
+            "interactions": n,
+            "cubes": len(cube_ids),
+            "memories_in_view": memory_count,
+            "ops": counters["ops_emitted"],
+            "ingest": {
+                "publish_s": round(published, 2),
+                "total_s": round(ingest_s, 2),
+                "interactions_per_s": round(n / ingest_s, 1),
+                "memories_per_s": round(counters["ops_emitted"] / ingest_s, 1),
+            },
+            "event_to_searchable": percentiles(latencies),
+            "search_single_client": {
+                **percentiles(search_ms),
+                "qps": round(len(search_ms) / search_wall, 1),
+                "embed_ms_median": round(statistics.median(parts["embed_ms"]), 2),
+                "milvus_ms_median": round(statistics.median(parts["dense_ms"]), 2),
+                "bm25_ms_median": round(statistics.median(parts["keyword_ms"]), 2),
+            },
+            "ceiling_embedder": {
+                "texts": len(texts),
+                "texts_per_s": round(len(texts) / embed_s, 1),
+                "interactions_per_s_equivalent": round(
+                    len(texts) / embed_s / items_per_interaction, 1
+                ),
+            },
+        }
+        write("pipeline", results, console)
+        return results
+    finally:
+        worker.stop()
+
+
+if __name__ == "__main__":
+    run()

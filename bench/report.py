@@ -1,0 +1,68 @@
+"""Percentiles, the results table and the JSON file: one format for every benchmark."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def percentiles(samples_ms: list[float]) -> dict[str, float]:
+    if not samples_ms:
+        return {"n": 0}
+    a = np.asarray(samples_ms)
+    return {
+        "n": len(samples_ms),
+        "p50_ms": round(float(np.percentile(a, 50)), 2),
+        "p95_ms": round(float(np.percentile(a, 95)), 2),
+        "p99_ms": round(float(np.percentile(a, 99)), 2),
+        "mean_ms": round(float(a.mean()), 2),
+    }
+
+
+def write(name: str, results: dict[str, Any], console: Console | None = None) -> Path:
+    """Print every number as a table and write them (with the machine) to results/<name>.json."""
+    console = console or Console()
+    table = Table("metric", "value", title=f"memstream bench {name}")
+    for key, value in _flatten(results):
+        table.add_row(key, f"{value:,.2f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    document = {
+        "benchmark": name,
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {
+            "cpus": _cpus(),
+            "python": platform.python_version(),
+            "system": platform.platform(),
+        },
+        "results": results,
+    }
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    console.print(f"written {path}")
+    return path
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    rows = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            rows.extend(_flatten(value, f"{prefix}{key}."))
+        else:
+            rows.append((f"{prefix}{key}", value))
+    return rows
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
