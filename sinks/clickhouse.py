@@ -60,9 +60,9 @@ DDL = [
     ORDER BY (cube_id, event_time, event_id)
     """,
     """
-    CREATE VIEW IF NOT EXISTS memory_versions AS
+    CREATE OR REPLACE VIEW memory_versions AS
     SELECT memory_id, cube_id, version, op, event_time, text, key, valid_from, valid_to,
-           superseded_by, supersedes, caused_by, reason, actor
+           superseded_by, supersedes, caused_by, reason, actor, partition, offset
     FROM memory_ops FINAL
     """,
 ]
@@ -78,7 +78,7 @@ QUERY_COLUMNS = [
 ]  # fmt: skip
 HISTORY_COLUMNS = [
     "memory_id", "version", "op", "event_time", "text", "key", "valid_from", "valid_to",
-    "superseded_by", "supersedes", "caused_by", "reason", "actor",
+    "superseded_by", "supersedes", "caused_by", "reason", "actor", "partition", "offset",
 ]  # fmt: skip
 
 
@@ -152,7 +152,8 @@ class ClickHouseSink:
             linked = {r["superseded_by"] for r in found if r["superseded_by"]}
             linked |= {s for r in found for s in r["supersedes"]}
             frontier = linked - lineage
-        return sorted(rows, key=lambda r: (r["event_time"], r["memory_id"], r["version"]))
+        # A cube's ops share one partition: offset order is the order they happened in.
+        return sorted(rows, key=lambda r: (r["partition"], r["offset"]))
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         result = self.client.query(sql, parameters=parameters or {})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from itertools import islice
 from pathlib import Path
 from typing import Annotated
 
@@ -118,52 +117,107 @@ def demo(
     data: Annotated[
         Path | None, typer.Option(help="A LoCoMo-format file (default: the dev conversations).")
     ] = None,
-    turns: Annotated[int, typer.Option(help="How many turns of the first sample to publish.")] = 12,
 ) -> None:
-    """Start the services, publish a real conversation, and read it back from the log."""
+    """Start everything, ingest a real conversation, then search it, show a fact's history and
+    query the audit log."""
+    from datetime import timedelta
+
+    from rich.progress import Progress
+
     from streams import locomo
-    from streams.consumer import EventConsumer
-    from streams.producer import EventProducer
-    from streams.topics import INTERACTIONS
+    from streams.local import ServeProcess
 
     settings = Settings()
     try:
-        with console.status("starting local services (the first run builds them)..."):
+        with console.status("starting Kafka and MinIO (the first run builds them)..."):
             _print_status(services.up(settings))
     except InfraError as exc:
         raise _fail(str(exc)) from None
 
-    sample = locomo.load(data)[0]
-    run = uuid.uuid4().hex[:8]
-    batch = list(islice(locomo.interactions(sample, f"demo-{sample.sample_id}-{run}"), turns))
-    with EventProducer(settings) as producer:
-        delivered = producer.publish_interactions(batch)
-    console.print(
-        f"published {len(delivered)} interactions of LoCoMo {sample.sample_id} to "
-        f"{delivered[0].topic} (partition {delivered[0].partition}, offsets "
-        f"{delivered[0].offset}..{delivered[-1].offset})"
-    )
+    worker = ServeProcess(settings, settings.data_dir / "demo-worker", prefix="demo.")
+    with console.status("starting the worker (MemReader, sinks, API)..."):
+        worker.start()
+    client = worker.client
+    try:
+        sample = locomo.load(data)[0]
+        cube = f"{sample.sample_id}-{uuid.uuid4().hex[:6]}"
+        turns = [i.model_dump(exclude={"cube_id"}) for i in locomo.interactions(sample, cube)]
+        with Progress(console=console) as progress:
+            task = progress.add_task(f"ingesting LoCoMo {sample.sample_id}", total=len(turns))
+            for start in range(0, len(turns), 100):
+                client.publish(cube, turns[start : start + 100])
+            while True:
+                status = client.status()
+                progress.update(task, completed=min(len(turns), status["counters"]["interactions"]))
+                if status["caught_up"] and not any(status["lag"].values()):
+                    break
+        console.print(
+            f"[bold]{len(turns)} turns -> {len(client.memories(cube, 16384))} memories[/]"
+        )
 
-    cube = batch[0].cube_id
-    table = Table("offset", "event time", "speaker", "content", title=f"read back: cube {cube}")
-    with EventConsumer([settings.topic(INTERACTIONS.name)], f"demo-{run}", settings) as consumer:
-        seen = 0
-        for event in iter(lambda: consumer.poll(10.0), None):
-            if event.key != cube.encode():
-                continue
-            value = event.value
+        for qa in [q for q in sample.qa if q.get("category") in (1, 2, 4)][:3]:
+            table = Table("turn", "score", "memory", title=f"search: {qa['question']}")
+            for hit in client.search(cube, qa["question"], top_k=3)["hits"]:
+                mark = " [green](evidence)[/]" if hit["turn_id"] in qa["evidence"] else ""
+                table.add_row(hit["turn_id"] + mark, f"{hit['score']:.4f}", hit["text"])
+            console.print(table)
+
+        speaker = sample.conversation["speaker_a"]
+        last = max(t["event_time"] for t in turns)
+        client.publish(
+            cube,
+            [
+                {
+                    "content": "I moved to Boston for my new studio.",
+                    "speaker": speaker,
+                    "event_time": last + timedelta(days=1),
+                }
+            ],
+        )
+        client.wait_drained()
+        client.publish(
+            cube,
+            [
+                {
+                    "content": "I moved to Lisbon to be close to the ocean.",
+                    "speaker": speaker,
+                    "event_time": last + timedelta(days=60),
+                }
+            ],
+        )
+        client.wait_drained()
+        hit = client.search(cube, f"{speaker} moved to Lisbon", top_k=1)["hits"][0]
+        table = Table(
+            "memory",
+            "v",
+            "op",
+            "valid from",
+            "valid to",
+            "text",
+            title=f"history of: {hit['text']}",
+        )
+        for row in client.history(hit["memory_id"]):
             table.add_row(
-                str(event.offset),
-                value["event_time"].strftime("%Y-%m-%d %H:%M"),
-                value["speaker"],
-                value["content"][:80],
+                row["memory_id"][:8],
+                str(row["version"]),
+                row["op"],
+                str(row["valid_from"] or "")[:10],
+                str(row["valid_to"] or "")[:10],
+                (row["text"] or "")[:60],
             )
-            seen += 1
-            if seen == len(batch):
-                break
-    console.print(table)
-    if seen != len(batch):
-        raise _fail(f"read back {seen} of {len(batch)} interactions")
+        console.print(table)
+
+        sql = (
+            f"SELECT op, count() AS ops FROM memory_ops FINAL WHERE cube_id = '{cube}' "
+            "GROUP BY op ORDER BY ops DESC"
+        )
+        console.print(f"[bold]audit:[/] {sql}", highlight=False)
+        table = Table("op", "count")
+        for row in client.audit(sql):
+            table.add_row(row["op"], str(row["ops"]))
+        console.print(table)
+    finally:
+        worker.stop()
 
 
 if __name__ == "__main__":
