@@ -26,13 +26,13 @@ from rich.console import Console
 from rich.progress import Progress
 
 from bench.report import percentiles, write
-from processors.embedder import default_embedder
 from processors.extract import RuleExtractor
 from streams import locomo
 from streams.events import Interaction
 from streams.local import ServeProcess
 from streams.producer import EventProducer
 from streams.settings import Settings
+from streams.worker import embedder_for
 
 
 def workload(n: int, cubes: int) -> list[Interaction]:
@@ -107,7 +107,7 @@ def run(n: int = 5000, cubes: int = 10, probes: int = 30, queries: int = 300) ->
             for i in interactions[:2000]
             for item in RuleExtractor().extract(i.to_record())
         ]
-        embedder = default_embedder()
+        embedder = embedder_for(worker.settings)
         embedder.encode(texts[:64])
         e0 = time.perf_counter()
         embedder.encode(texts)
@@ -133,6 +133,7 @@ def run(n: int = 5000, cubes: int = 10, probes: int = 30, queries: int = 300) ->
                 "bm25_ms_median": round(statistics.median(parts["keyword_ms"]), 2),
             },
             "ceiling_embedder": {
+                "embedder": embedder.model_id,
                 "texts": len(texts),
                 "texts_per_s": round(len(texts) / embed_s, 1),
                 "interactions_per_s_equivalent": round(

@@ -11,6 +11,7 @@ import os
 import threading
 from collections.abc import Sequence
 from functools import cache
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -61,7 +62,22 @@ class MiniLMEmbedder:
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
+EMBEDDERS = ("torch", "onnx", "onnx-int8")
+
+
 @cache
-def default_embedder() -> MiniLMEmbedder:
-    """The process-wide embedder (loading takes seconds: do it once)."""
-    return MiniLMEmbedder()
+def load_embedder(kind: str = "torch", cache_dir: Path | None = None) -> Embedder:
+    """The process-wide embedder of a kind (loading takes seconds: do it once).
+
+    ``torch``: sentence-transformers; ``onnx``: the same model on ONNX Runtime (same vectors);
+    ``onnx-int8``: dynamically quantized weights (faster, vectors within ~0.95 cosine).
+    """
+    if kind == "torch":
+        return MiniLMEmbedder()
+    if kind in ("onnx", "onnx-int8"):
+        from processors.onnx_embedder import OnnxMiniLMEmbedder
+
+        folder = cache_dir or Path.home() / ".cache" / "memstream" / "tools" / "onnx"
+        return OnnxMiniLMEmbedder(folder, quantize=kind == "onnx-int8")
+    raise ValueError(f"unknown embedder {kind!r} (known: {', '.join(EMBEDDERS)})")
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable
 from datetime import datetime
@@ -9,6 +10,8 @@ from typing import Any
 
 import httpx
 
+from streams.events import Interaction
+from streams.producer import EventProducer
 from streams.settings import Settings
 
 
@@ -29,13 +32,30 @@ def _search_params(q: str, top_k: int, **filters: Any) -> dict[str, Any]:
 
 
 class MemoryClient:
-    """Publish, search and inspect memories through a running ``memstream serve``."""
+    """Publish, search and inspect memories through a running ``memstream serve``.
 
-    def __init__(self, base_url: str | None = None, timeout: float = 60.0) -> None:
-        self._http = httpx.Client(base_url=base_url or Settings().api_url, timeout=timeout)
+    ``kafka=True`` publishes straight to the log with the idempotent producer (no HTTP hop);
+    reads always go through the API, which owns the views.
+    """
+
+    def __init__(
+        self, base_url: str | None = None, timeout: float = 60.0, kafka: bool = False,
+        settings: Settings | None = None,
+    ) -> None:  # fmt: skip
+        settings = settings or Settings()
+        self._http = httpx.Client(base_url=base_url or settings.api_url, timeout=timeout)
+        self._producer = EventProducer(settings) if kafka else None
 
     def publish(self, cube_id: str, interactions: Iterable[dict[str, Any]]) -> list[dict]:
-        """Publish interactions (dicts with content, speaker, ...); returns their log positions."""
+        """Publish interactions (dicts with content, speaker, ...); returns their log positions
+        once the broker has acknowledged them."""
+        if self._producer is not None:
+            events = [Interaction(cube_id=cube_id, **i) for i in interactions]
+            delivered = self._producer.publish_interactions(events)
+            return [
+                {"event_id": e.event_id, **dataclasses.asdict(d)}
+                for e, d in zip(events, delivered, strict=True)
+            ]
         body = [_interaction_json(i) for i in interactions]
         return self._ok(self._http.post(f"/v1/cubes/{cube_id}/interactions", json=body))
 
@@ -85,6 +105,8 @@ class MemoryClient:
 
     def close(self) -> None:
         self._http.close()
+        if self._producer is not None:
+            self._producer.close()
 
     def __enter__(self) -> MemoryClient:
         return self

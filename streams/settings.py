@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 from pydantic import Field, SecretStr, field_validator
@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     api_port: int = 8080
     reader_batch: int = Field(
         default=64, ge=1, description="Interactions embedded together (batching across them)."
+    )
+    embedder: Literal["torch", "onnx", "onnx-int8"] = Field(
+        default="onnx-int8",
+        description="How MiniLM runs: sentence-transformers, or ONNX Runtime (fp32 or int8).",
     )
     merge_threshold: float = Field(
         default=0.95, description="Cosine above which a new item is a repeat (MERGE)."

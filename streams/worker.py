@@ -25,7 +25,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from processors.embedder import Embedder, default_embedder
+from processors.embedder import Embedder, load_embedder
 from processors.extract import Extractor, LLMExtractor, RuleExtractor
 from processors.fusion import CubeMemories
 from processors.reader import MemReader, Sourced
@@ -64,6 +64,11 @@ def interaction_validator(settings: Settings) -> Callable[[Event], None]:
     return validate
 
 
+def embedder_for(settings: Settings) -> Embedder:
+    """The configured embedder, loaded once per process (ONNX exports cached in the tools dir)."""
+    return load_embedder(settings.embedder, settings.tools_dir / "onnx")
+
+
 def default_extractor(settings: Settings) -> Extractor:
     if settings.llm_base_url:
         key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else ""
@@ -82,7 +87,7 @@ class Worker:
     ) -> None:
         self.settings = settings or Settings()
         self.codec = Codec()
-        self.embedder = embedder or default_embedder()
+        self.embedder = embedder or embedder_for(self.settings)
         self.memories = CubeMemories(self.embedder.dim)
         self.reader = MemReader(
             extractor or default_extractor(self.settings),

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from processors.embedder import default_embedder
 from processors.extract import RuleExtractor
 from processors.fusion import CubeMemories
 from processors.reader import MemReader, Sourced
@@ -23,6 +22,7 @@ from streams.local import ServeProcess
 from streams.producer import EventProducer
 from streams.settings import Settings
 from streams.topics import MEMORY_OPS
+from streams.worker import embedder_for
 
 pytestmark = pytest.mark.integration
 
@@ -39,10 +39,10 @@ def conversation(run: str) -> list[Interaction]:
     return list(islice(turns, TOTAL))
 
 
-def expected_memories(interactions: list[Interaction]) -> dict[str, set[str]]:
+def expected_memories(interactions: list[Interaction], settings: Settings) -> dict[str, set[str]]:
     """What a worker that never crashed holds: the same reader, run here, in one pass."""
     memories = CubeMemories(384)
-    reader = MemReader(RuleExtractor(), default_embedder(), memories)
+    reader = MemReader(RuleExtractor(), embedder_for(settings), memories)
     for start in range(0, len(interactions), 64):
         reader.process([Sourced(i.to_record()) for i in interactions[start : start + 64]])
     expected: dict[str, set[str]] = defaultdict(set)
@@ -95,7 +95,7 @@ def test_kill_9_mid_ingest_loses_and_doubles_nothing(settings: Settings, tmp_pat
     worker.start()
     worker.client.wait_drained(600)
 
-    expected = expected_memories(interactions)
+    expected = expected_memories(interactions, worker.settings)
     for cube, ids in expected.items():
         rows = worker.client.memories(cube, limit=16384)
         got = Counter(r["memory_id"] for r in rows)

@@ -12,11 +12,13 @@ import pytest
 
 from schemas import Codec
 from streams import locomo
+from streams.client import MemoryClient
 from streams.consumer import EventConsumer
 from streams.local import ServeProcess
 from streams.producer import EventProducer
 from streams.settings import Settings
-from streams.topics import DLQ, INTERACTIONS
+from streams.subscribe import OpSubscriber
+from streams.topics import DLQ, INTERACTIONS, MEMORY_OPS
 
 pytestmark = pytest.mark.integration
 
@@ -185,3 +187,41 @@ def test_every_search_is_audited(worker: ServeProcess) -> None:
     assert rows[0]["memory_ids"] == [h["memory_id"] for h in response["hits"]]
     with pytest.raises(Exception, match="only SELECT"):
         worker.client.audit("DROP TABLE memory_ops")
+
+
+def test_subscriber_gets_each_op_once_even_when_the_log_repeats_it(
+    worker: ServeProcess, group_id: str
+) -> None:
+    cube = f"sub-{uuid.uuid4().hex[:6]}"
+    s = worker.settings
+    with OpSubscriber(group_id, [cube], s) as subscriber:
+        with MemoryClient(s.api_url, kafka=True, settings=s) as client:
+            delivered = client.publish(
+                cube,
+                [
+                    {"content": "I adopted a puppy named Biscuit last week.", "speaker": "Mel"},
+                    {"content": "Biscuit loves chasing the ball at the park.", "speaker": "Mel"},
+                ],
+            )
+        assert [d["topic"] for d in delivered] == [s.topic(INTERACTIONS.name)] * 2
+        worker.client.wait_drained()
+        ops: list[dict] = []
+        for _ in range(40):
+            ops.extend(subscriber.poll(0.5))
+            if len(ops) >= 2:
+                break
+        assert [o["op"] for o in ops] == ["ADD", "ADD"]
+        assert {o["cube_id"] for o in ops} == {cube}
+
+        with EventProducer(s) as producer:  # a redelivery: the same op again on the log
+            producer.publish(s.topic(MEMORY_OPS.name), cube, MEMORY_OPS.record, ops[0])
+        for _ in range(10):
+            assert subscriber.poll(0.5) == []
+            if subscriber.duplicates:
+                break
+        assert subscriber.duplicates == 1
+    worker.client.wait_drained()
+    counts = worker.client.audit(
+        f"SELECT count() AS n FROM memory_ops FINAL WHERE cube_id = '{cube}'"
+    )
+    assert counts[0]["n"] == 2
