@@ -47,7 +47,7 @@ def workload(n: int, cubes: int) -> list[Interaction]:
     return out
 
 
-def run(n: int = 5000, cubes: int = 10, probes: int = 30, queries: int = 300) -> dict[str, Any]:
+def run(n: int = 5500, cubes: int = 10, probes: int = 30, queries: int = 300) -> dict[str, Any]:
     console = Console()
     base = Settings()
     data = Path(tempfile.mkdtemp(prefix="memstream-bench-"))

@@ -80,4 +80,3 @@ def load_embedder(kind: str = "torch", cache_dir: Path | None = None) -> Embedde
         folder = cache_dir or Path.home() / ".cache" / "memstream" / "tools" / "onnx"
         return OnnxMiniLMEmbedder(folder, quantize=kind == "onnx-int8")
     raise ValueError(f"unknown embedder {kind!r} (known: {', '.join(EMBEDDERS)})")
-

@@ -101,15 +101,24 @@ def serve(
 
 @app.command()
 def bench(
-    name: Annotated[str, typer.Argument(help="Which benchmark: pipeline.")] = "pipeline",
-    interactions: Annotated[int, typer.Option(help="Interactions to ingest.")] = 5000,
+    name: Annotated[str, typer.Argument(help="pipeline (ingest + search) or quality.")],
+    interactions: Annotated[int, typer.Option(help="pipeline: interactions to ingest.")] = 5500,
+    data: Annotated[Path | None, typer.Option(help="quality: a LoCoMo-format file.")] = None,
+    run_out: Annotated[
+        Path | None, typer.Option(help="quality: write the ranked turn ids per question here.")
+    ] = None,
 ) -> None:
     """Run a benchmark against the running services; prints a table, writes bench/results."""
-    if name != "pipeline":
-        raise _fail(f"unknown benchmark {name!r} (known: pipeline)")
-    from bench import pipeline
+    if name == "pipeline":
+        from bench import pipeline
 
-    pipeline.run(n=interactions)
+        pipeline.run(n=interactions)
+    elif name == "quality":
+        from bench import quality
+
+        quality.run(data, run_out)
+    else:
+        raise _fail(f"unknown benchmark {name!r} (known: pipeline, quality)")
 
 
 @app.command()

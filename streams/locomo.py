@@ -67,3 +67,23 @@ def interactions(
                 actor="locomo-loader",
                 event_time=start + timedelta(seconds=SECONDS_PER_TURN * index),
             )
+
+
+CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop", 5: "adversarial"}
+_EVIDENCE = re.compile(r"D:?(\d+):0*(\d+)")
+
+
+def turn_ids(sample: Sample) -> set[str]:
+    return {t["dia_id"] for n in sessions(sample) for t in sample.conversation[f"session_{n}"]}
+
+
+def evidence(qa: dict[str, Any], known: set[str] | None = None) -> list[str]:
+    """The gold turn ids of a question, normalised ('D8:6; D9:17', 'D:11:26', 'D30:05');
+    ids that name no turn of the conversation are dropped when ``known`` is given."""
+    ids: dict[str, None] = {}
+    for raw in qa.get("evidence") or []:
+        for part in re.split(r"[;,]", str(raw)):
+            match = _EVIDENCE.search(part)
+            if match:
+                ids.setdefault(f"D{match[1]}:{match[2]}")
+    return [i for i in ids if known is None or i in known]

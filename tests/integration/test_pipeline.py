@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,16 +35,6 @@ def turn(content: str, speaker: str = "Caroline", at: datetime = MAY_8, **extra:
     return {"content": content, "speaker": speaker, "event_time": at, **extra}
 
 
-def evidence_ids(qa: dict) -> set[str]:
-    ids = set()
-    for raw in qa.get("evidence", []):
-        for part in re.split(r"[;,]", raw):
-            match = re.match(r"\s*D:?(\d+):0*(\d+)", part)
-            if match:
-                ids.add(f"D{match[1]}:{match[2]}")
-    return ids
-
-
 def test_locomo_evidence_is_found_by_search(worker: ServeProcess) -> None:
     sample = locomo.load()[0]
     cube = f"locomo-{uuid.uuid4().hex[:6]}"
@@ -54,11 +43,12 @@ def test_locomo_evidence_is_found_by_search(worker: ServeProcess) -> None:
         worker.client.publish(cube, turns[start : start + 200])
     worker.client.wait_drained(300)
 
-    questions = [qa for qa in sample.qa if qa.get("category") != 5 and evidence_ids(qa)]
+    known = locomo.turn_ids(sample)
+    questions = [qa for qa in sample.qa if qa.get("category") != 5 and locomo.evidence(qa, known)]
     hits = 0
     for qa in questions:
         found = worker.client.search(cube, qa["question"], top_k=10)["hits"]
-        if evidence_ids(qa) & {h["turn_id"] for h in found}:
+        if set(locomo.evidence(qa, known)) & {h["turn_id"] for h in found}:
             hits += 1
     print(f"\nevidence in top 10 for {hits}/{len(questions)} questions")
     assert hits >= 20
@@ -225,3 +215,27 @@ def test_subscriber_gets_each_op_once_even_when_the_log_repeats_it(
         f"SELECT count() AS n FROM memory_ops FINAL WHERE cube_id = '{cube}'"
     )
     assert counts[0]["n"] == 2
+
+
+def test_search_filters_by_time_range_and_tags(worker: ServeProcess) -> None:
+    cube = f"filters-{uuid.uuid4().hex[:6]}"
+    worker.client.publish(
+        cube,
+        [
+            turn("I ran the Boston marathon in the rain.", at=MAY_8),
+            turn("I ran a charity race for the shelter.", at=MAY_8 + timedelta(days=30)),
+        ],
+    )
+    worker.client.wait_drained()
+    everything = worker.client.search(cube, "ran a race", top_k=5)["hits"]
+    assert len(everything) == 2
+    june = worker.client.search(cube, "ran a race", top_k=5, since=MAY_8 + timedelta(days=1))
+    assert [h["text"] for h in june["hits"]] == [
+        "Caroline said: I ran a charity race for the shelter."
+    ]
+    may = worker.client.search(cube, "ran a race", top_k=5, until=MAY_8 + timedelta(days=1))
+    assert [h["text"] for h in may["hits"]] == [
+        "Caroline said: I ran the Boston marathon in the rain."
+    ]
+    tagged = worker.client.search(cube, "ran a race", top_k=5, tags=["marathon"])["hits"]
+    assert [h["text"] for h in tagged] == ["Caroline said: I ran the Boston marathon in the rain."]

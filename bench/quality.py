@@ -1,0 +1,148 @@
+"""Retrieval quality on LoCoMo, through the real pipeline, next to two baselines of its own.
+
+For each conversation of the file: ingest it with its real timestamps through `memstream serve`,
+then for every question (adversarial ones excluded) search and score the gold evidence turns.
+The memories a search returns are mapped back to the turns they came from (in rank order, each
+turn once). Baselines over the raw turns, computed here: BM25 (bm25s) and dense MiniLM (the same
+embedder the pipeline uses). Metrics: recall_any@k and recall_all@k (k = 5, 10, 20) and NDCG@10,
+overall and per category.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import bm25s
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from bench.report import write
+from streams import locomo
+from streams.local import ServeProcess
+from streams.settings import Settings
+from streams.worker import embedder_for
+
+KS = (5, 10, 20)
+Ranker = dict[str, list[str]]
+
+
+def score(ranked: list[str], gold: list[str]) -> dict[str, float]:
+    """recall_any@k, recall_all@k and NDCG@10 (binary gains) of one ranked list of turn ids."""
+    gold_set = set(gold)
+    out: dict[str, float] = {}
+    for k in KS:
+        top = set(ranked[:k])
+        out[f"recall_any@{k}"] = float(bool(top & gold_set))
+        out[f"recall_all@{k}"] = float(gold_set <= top)
+    dcg = sum(1 / math.log2(i + 2) for i, t in enumerate(ranked[:10]) if t in gold_set)
+    ideal = sum(1 / math.log2(i + 2) for i in range(min(len(gold_set), 10)))
+    out["ndcg@10"] = dcg / ideal if ideal else 0.0
+    return out
+
+
+def dedupe(turns: list[str]) -> list[str]:
+    return list(dict.fromkeys(t for t in turns if t))
+
+
+class Baselines:
+    """BM25 and dense retrieval over one conversation's raw turns."""
+
+    def __init__(self, sample: locomo.Sample, embedder: Any) -> None:
+        turns = [t for n in locomo.sessions(sample)
+                 for t in sample.conversation[f"session_{n}"]]  # fmt: skip
+        self.ids = [t["dia_id"] for t in turns]
+        texts = [f"{t['speaker']}: {t['text']}" for t in turns]
+        self.bm25 = bm25s.BM25()
+        self.bm25.index(bm25s.tokenize(texts, stopwords="en", show_progress=False),
+                        show_progress=False)  # fmt: skip
+        self.embedder = embedder
+        self.vectors = embedder.encode(texts)
+
+    def bm25_rank(self, question: str, k: int = 20) -> list[str]:
+        tokens = bm25s.tokenize([question], stopwords="en", show_progress=False)
+        if not tokens.vocab:
+            return []
+        docs, scores = self.bm25.retrieve(tokens, k=min(k, len(self.ids)), show_progress=False)
+        return [self.ids[d] for d, s in zip(docs[0], scores[0], strict=True) if s > 0]
+
+    def dense_rank(self, question: str, k: int = 20) -> list[str]:
+        scores = self.vectors @ self.embedder.encode([question])[0]
+        return [self.ids[i] for i in np.argsort(-scores)[:k]]
+
+
+def run(data: Path | None = None, run_out: Path | None = None) -> dict[str, Any]:
+    console = Console()
+    samples = locomo.load(data)
+    worker = ServeProcess(Settings(), Path(tempfile.mkdtemp(prefix="memstream-quality-"))).start()
+    embedder = embedder_for(worker.settings)
+    per_system: dict[str, dict[str, list[dict[str, float]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    run_file: Ranker = {}
+    try:
+        with Progress(console=console) as progress:
+            task = progress.add_task("conversations", total=len(samples))
+            for sample in samples:
+                cube = f"quality-{sample.sample_id}-{uuid.uuid4().hex[:6]}"
+                turns = [i.model_dump(exclude={"cube_id"})
+                         for i in locomo.interactions(sample, cube)]  # fmt: skip
+                for start in range(0, len(turns), 500):
+                    worker.client.publish(cube, turns[start : start + 500])
+                baselines = Baselines(sample, embedder)
+                worker.client.wait_drained(600)
+                known = locomo.turn_ids(sample)
+                for index, qa in enumerate(sample.qa):
+                    gold = locomo.evidence(qa, known)
+                    if qa.get("category") == 5 or not gold:
+                        continue
+                    category = locomo.CATEGORIES.get(qa.get("category"), "other")
+                    hits = worker.client.search(cube, qa["question"], top_k=50)["hits"]
+                    ours = dedupe([h["turn_id"] for h in hits])[:20]
+                    run_file[f"{sample.sample_id}#{index}"] = ours
+                    for system, ranked in (
+                        ("memstream", ours),
+                        ("bm25", baselines.bm25_rank(qa["question"])),
+                        ("dense", baselines.dense_rank(qa["question"])),
+                    ):
+                        scored = score(ranked, gold)
+                        per_system[system]["overall"].append(scored)
+                        per_system[system][category].append(scored)
+                progress.advance(task)
+    finally:
+        worker.stop()
+    if run_out:
+        run_out.write_text(json.dumps(run_file, indent=1) + "\n")
+        console.print(f"run written to {run_out}")
+    results = {
+        system: {
+            group: {"questions": len(rows)}
+            | {m: round(float(np.mean([r[m] for r in rows])), 4) for m in rows[0]}
+            for group, rows in sorted(groups.items())
+        }
+        for system, groups in per_system.items()
+    }
+    _print_comparison(console, results)
+    write("quality", {"data": str(data or locomo.default_file()), "systems": results}, console)
+    return results
+
+
+def _print_comparison(console: Console, results: dict[str, Any]) -> None:
+    metrics = [f"recall_any@{k}" for k in KS] + [f"recall_all@{k}" for k in KS] + ["ndcg@10"]
+    table = Table("system", "group", "n", *metrics, title="LoCoMo retrieval")
+    for system, groups in results.items():
+        for group, values in groups.items():
+            table.add_row(system, group, str(values["questions"]),
+                          *(f"{values[m]:.3f}" for m in metrics))  # fmt: skip
+    console.print(table)
+
+
+if __name__ == "__main__":
+    run()
