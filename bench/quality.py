@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import time
 import uuid
 from collections import defaultdict
 from pathlib import Path
@@ -24,7 +25,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from bench.report import write
+from bench.report import percentiles, write
 from streams import locomo
 from streams.local import ServeProcess
 from streams.settings import Settings
@@ -78,7 +79,9 @@ class Baselines:
         return [self.ids[i] for i in np.argsort(-scores)[:k]]
 
 
-def run(data: Path | None = None, run_out: Path | None = None) -> dict[str, Any]:
+def run(
+    data: Path | None = None, run_out: Path | None = None, peers: tuple[str, ...] = ("mem0",)
+) -> dict[str, Any]:
     console = Console()
     samples = locomo.load(data)
     worker = ServeProcess(Settings(), Path(tempfile.mkdtemp(prefix="memstream-quality-"))).start()
@@ -87,6 +90,7 @@ def run(data: Path | None = None, run_out: Path | None = None) -> dict[str, Any]
         lambda: defaultdict(list)
     )
     run_file: Ranker = {}
+    search_ms: list[float] = []
     try:
         with Progress(console=console) as progress:
             task = progress.add_task("conversations", total=len(samples))
@@ -104,7 +108,9 @@ def run(data: Path | None = None, run_out: Path | None = None) -> dict[str, Any]
                     if qa.get("category") == 5 or not gold:
                         continue
                     category = locomo.CATEGORIES.get(qa.get("category"), "other")
+                    started = time.perf_counter()
                     hits = worker.client.search(cube, qa["question"], top_k=50)["hits"]
+                    search_ms.append((time.perf_counter() - started) * 1e3)
                     ours = dedupe([h["turn_id"] for h in hits])[:20]
                     run_file[f"{sample.sample_id}#{index}"] = ours
                     for system, ranked in (
@@ -121,6 +127,27 @@ def run(data: Path | None = None, run_out: Path | None = None) -> dict[str, Any]
     if run_out:
         run_out.write_text(json.dumps(run_file, indent=1) + "\n")
         console.print(f"run written to {run_out}")
+    latency: dict[str, Any] = {"memstream": {"search": percentiles(search_ms)}}
+    if "mem0" in peers:
+        from bench.peers import mem0
+
+        with console.status("mem0: ingesting and searching the same conversations..."):
+            peer = mem0.run(data or locomo.default_file(), worker.settings.tools_dir / "onnx")
+        for sample in samples:
+            known = locomo.turn_ids(sample)
+            for index, qa in enumerate(sample.qa):
+                key = f"{sample.sample_id}#{index}"
+                if key not in peer["runs"]:
+                    continue
+                scored = score(peer["runs"][key], locomo.evidence(qa, known))
+                per_system["mem0"]["overall"].append(scored)
+                per_system["mem0"][locomo.CATEGORIES.get(qa.get("category"), "other")].append(
+                    scored
+                )
+        latency["mem0"] = {
+            "add": percentiles(peer["add_ms"]),
+            "search": percentiles(peer["search_ms"]),
+        }
     results = {
         system: {
             group: {"questions": len(rows)}
@@ -130,7 +157,11 @@ def run(data: Path | None = None, run_out: Path | None = None) -> dict[str, Any]
         for system, groups in per_system.items()
     }
     _print_comparison(console, results)
-    write("quality", {"data": str(data or locomo.default_file()), "systems": results}, console)
+    write(
+        "quality",
+        {"data": str(data or locomo.default_file()), "systems": results, "latency": latency},
+        console,
+    )
     return results
 
 

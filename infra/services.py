@@ -8,7 +8,7 @@ from infra import kafka, minio
 from infra.process import InfraError, port_open, read_pid
 from sinks.stores import ensure_bucket
 from streams.settings import Settings
-from streams.topics import ensure_topics
+from streams.topics import ensure_topics, wait_for_group_coordinator
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ def up(settings: Settings) -> list[ServiceStatus]:
     elif not kafka.answers(settings):
         raise InfraError(f"Kafka at {settings.kafka_bootstrap} does not answer")
     ensure_topics(settings)
+    wait_for_group_coordinator(settings)
     if _minio_is_local(settings):
         minio.up(settings)
     elif not minio.answers(settings):

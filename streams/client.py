@@ -84,10 +84,14 @@ class MemoryClient:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                if self.status()["caught_up"]:
-                    return
+                status = self.status()
             except httpx.TransportError:
-                pass
+                time.sleep(0.5)
+                continue
+            if status["failure"]:
+                raise RuntimeError(f"worker failed: {status['failure']}")
+            if status["caught_up"]:
+                return
             time.sleep(0.5)
         raise TimeoutError(f"memstream at {self._http.base_url} not ready after {timeout}s")
 

@@ -60,7 +60,7 @@ class ServeProcess:
             )
         try:
             self.client.wait_ready(timeout)
-        except TimeoutError:
+        except (TimeoutError, RuntimeError):
             self.stop()
             raise AssertionError(f"worker did not start: {self.log.read_text()[-3000:]}") from None
         return self

@@ -6,9 +6,12 @@ co-partitioned and handled in order by one worker.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
-from confluent_kafka import KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import (
     AdminClient,
     AlterConfigOpType,
@@ -19,6 +22,7 @@ from confluent_kafka.admin import (
 
 from streams.settings import Settings
 
+T = TypeVar("T")
 FOREVER = "-1"
 THIRTY_DAYS_MS = str(30 * 24 * 3600 * 1000)
 
@@ -94,6 +98,40 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
         for future in admin.incremental_alter_configs(resources, request_timeout=timeout).values():
             future.result()
     return created
+
+
+RETRIABLE = {
+    KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+    KafkaError._TIMED_OUT,
+    KafkaError._TRANSPORT,
+}
+
+
+def retry_kafka(call: Callable[[], T], attempts: int = 60, pause: float = 0.5) -> T:
+    """Run a Kafka call, retrying while the broker is still electing or loading a coordinator
+    (a fresh broker creates ``__consumer_offsets`` on the first group request)."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except KafkaException as exc:
+            if exc.args[0].code() not in RETRIABLE or attempt == attempts - 1:
+                raise
+            time.sleep(pause)
+    raise AssertionError("unreachable")
+
+
+def wait_for_group_coordinator(settings: Settings, timeout: float = 60.0) -> None:
+    """Block until consumer groups work (committed offsets can be read)."""
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
+                         "group.id": settings.group("probe")})  # fmt: skip
+    try:
+        topic = settings.topic(INTERACTIONS.name)
+        retry_kafka(lambda: consumer.committed([TopicPartition(topic, 0)], 5),
+                    attempts=int(timeout / 0.5))  # fmt: skip
+    finally:
+        consumer.close()
 
 
 def describe_topics(settings: Settings, timeout: float = 30.0) -> dict[str, dict[str, object]]:

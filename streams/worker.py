@@ -39,7 +39,7 @@ from streams.events import utcnow
 from streams.producer import EventProducer
 from streams.search import Searcher
 from streams.settings import Settings
-from streams.topics import DLQ, INTERACTIONS, MEMORY_OPS, QUERIES
+from streams.topics import DLQ, INTERACTIONS, MEMORY_OPS, QUERIES, retry_kafka
 
 log = logging.getLogger("memstream.worker")
 
@@ -157,7 +157,8 @@ class Worker:
         try:
             partitions = sorted(consumer.list_topics(topic, timeout=30).topics[topic].partitions)
             tps = [TopicPartition(topic, p) for p in partitions]
-            committed = {tp.partition: max(tp.offset, 0) for tp in consumer.committed(tps, 30)}
+            committed = {tp.partition: max(tp.offset, 0)
+                         for tp in retry_kafka(lambda: consumer.committed(tps, 30))}  # fmt: skip
             end = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), 30)[1]
                    for p in partitions}  # fmt: skip
             consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
@@ -338,7 +339,7 @@ class Worker:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         tps = [TopicPartition(topic, p) for p in partitions]
         total = 0
-        for tp in consumer.committed(tps, 10):
+        for tp in retry_kafka(lambda: consumer.committed(tps, 10)):
             high = consumer.get_watermark_offsets(tp, 10)[1]
             total += high - max(tp.offset, 0)
         return total

@@ -1,0 +1,1 @@
+"""Peers measured side by side with memstream, each in its own virtual environment."""
