@@ -28,10 +28,12 @@ from rich.progress import Progress
 from bench.report import percentiles, write
 from processors.extract import RuleExtractor
 from streams import locomo
+from streams.consumer import EventConsumer
 from streams.events import Interaction
 from streams.local import ServeProcess
 from streams.producer import EventProducer
 from streams.settings import Settings
+from streams.topics import INTERACTIONS, ensure_topics
 from streams.worker import embedder_for
 
 
@@ -47,7 +49,28 @@ def workload(n: int, cubes: int) -> list[Interaction]:
     return out
 
 
-def run(n: int = 5500, cubes: int = 10, probes: int = 30, queries: int = 300) -> dict[str, Any]:
+def kafka_ceiling(settings: Settings, interactions: list[Interaction]) -> dict[str, float]:
+    """The broker's own rate for the same events: produce them all, then consume them all."""
+    topic_settings = settings.model_copy(
+        update={"topic_prefix": f"{settings.topic_prefix}ceiling."}
+    )
+    ensure_topics(topic_settings)
+    started = time.perf_counter()
+    with EventProducer(topic_settings) as producer:
+        producer.publish_interactions(interactions)
+    produce_s = time.perf_counter() - started
+    started = time.perf_counter()
+    with EventConsumer([topic_settings.topic(INTERACTIONS.name)], f"ceiling-{uuid.uuid4()}",
+                       topic_settings) as consumer:  # fmt: skip
+        got = len(consumer.take(len(interactions), timeout=10))
+    consume_s = time.perf_counter() - started
+    return {
+        "produce_per_s": round(len(interactions) / produce_s, 1),
+        "consume_decode_per_s": round(got / consume_s, 1),
+    }
+
+
+def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300) -> dict[str, Any]:
     console = Console()
     base = Settings()
     data = Path(tempfile.mkdtemp(prefix="memstream-bench-"))
@@ -113,6 +136,7 @@ def run(n: int = 5500, cubes: int = 10, probes: int = 30, queries: int = 300) ->
         embedder.encode(texts)
         embed_s = time.perf_counter() - e0
         items_per_interaction = len(texts) / 2000
+        kafka = kafka_ceiling(worker.settings, interactions)
         results = {
             "interactions": n,
             "cubes": len(cube_ids),
@@ -132,6 +156,7 @@ def run(n: int = 5500, cubes: int = 10, probes: int = 30, queries: int = 300) ->
                 "milvus_ms_median": round(statistics.median(parts["dense_ms"]), 2),
                 "bm25_ms_median": round(statistics.median(parts["keyword_ms"]), 2),
             },
+            "ceiling_kafka": kafka,
             "ceiling_embedder": {
                 "embedder": embedder.model_id,
                 "texts": len(texts),

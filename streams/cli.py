@@ -101,8 +101,8 @@ def serve(
 
 @app.command()
 def bench(
-    name: Annotated[str, typer.Argument(help="pipeline (ingest + search) or quality.")],
-    interactions: Annotated[int, typer.Option(help="pipeline: interactions to ingest.")] = 5500,
+    name: Annotated[str, typer.Argument(help="pipeline (ingest), search (scale) or quality.")],
+    interactions: Annotated[int, typer.Option(help="pipeline: interactions to ingest.")] = 20_000,
     data: Annotated[Path | None, typer.Option(help="quality: a LoCoMo-format file.")] = None,
     run_out: Annotated[
         Path | None, typer.Option(help="quality: write the ranked turn ids per question here.")
@@ -113,12 +113,16 @@ def bench(
         from bench import pipeline
 
         pipeline.run(n=interactions)
+    elif name == "search":
+        from bench import search
+
+        search.run()
     elif name == "quality":
         from bench import quality
 
         quality.run(data, run_out)
     else:
-        raise _fail(f"unknown benchmark {name!r} (known: pipeline, quality)")
+        raise _fail(f"unknown benchmark {name!r} (known: pipeline, search, quality)")
 
 
 @app.command()

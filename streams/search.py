@@ -75,7 +75,12 @@ class Searcher:
         self._keyword: dict[str, tuple[int, _KeywordIndex]] = {}
         self._generation: dict[str, int] = {}
         self._lock = threading.Lock()
-        self.last_timing: dict[str, float] = {}
+        self._local = threading.local()
+
+    @property
+    def last_timing(self) -> dict[str, float]:
+        """Where this thread's last search spent its time (ms)."""
+        return getattr(self._local, "timing", {})
 
     def invalidate(self, cube_ids: set[str]) -> None:
         """Called after the sink wrote these cubes: their keyword indexes are stale."""
@@ -110,8 +115,8 @@ class Searcher:
                     index.ids[d] for d, s in zip(docs[0], scores[0], strict=True) if s > 0
                 ]
         t3 = time.perf_counter()
-        self.last_timing = {"embed_ms": (t1 - t0) * 1e3, "dense_ms": (t2 - t1) * 1e3,
-                            "keyword_ms": (t3 - t2) * 1e3}  # fmt: skip
+        self._local.timing = {"embed_ms": (t1 - t0) * 1e3, "dense_ms": (t2 - t1) * 1e3,
+                              "keyword_ms": (t3 - t2) * 1e3}  # fmt: skip
 
         fused: dict[str, float] = {}
         dense_rank = {hit.memory_id: rank for rank, hit in enumerate(dense, start=1)}
