@@ -138,9 +138,12 @@ def create_app(settings: Settings | None = None, worker: Worker | None = None) -
         """Hybrid search (dense + BM25, fused by RRF); publishes a QueryEvent."""
         worker = the_worker()
         started = time.perf_counter()
-        results = await run_in_threadpool(
-            worker.searcher.search, cube_id, q, top_k, since, until, tags, include_history
-        )
+
+        def run() -> tuple[list[Any], dict[str, float]]:
+            found = worker.searcher.search(cube_id, q, top_k, since, until, tags, include_history)
+            return found, worker.searcher.last_timing  # same thread: this search's timing
+
+        results, timing = await run_in_threadpool(run)
         latency = (time.perf_counter() - started) * 1e3
         query_id = str(uuid.uuid4())
         state["producer"].publish_nowait(
@@ -172,9 +175,8 @@ def create_app(settings: Settings | None = None, worker: Worker | None = None) -
             for r in results
         ]  # fmt: skip
         return SearchResponse(
-            query_id=query_id, hits=hits, timing_ms={**worker.searcher.last_timing,
-                                                     "total_ms": latency}
-        )  # fmt: skip
+            query_id=query_id, hits=hits, timing_ms={**timing, "total_ms": latency}
+        )
 
     @app.get("/v1/memories/{memory_id}")
     async def memory(memory_id: str) -> dict[str, Any]:

@@ -103,6 +103,9 @@ def serve(
 def bench(
     name: Annotated[str, typer.Argument(help="pipeline (ingest), search (scale) or quality.")],
     interactions: Annotated[int, typer.Option(help="pipeline: interactions to ingest.")] = 20_000,
+    sizes: Annotated[
+        list[int] | None, typer.Option("--size", help="search: memories in the store (repeat).")
+    ] = None,
     data: Annotated[Path | None, typer.Option(help="quality: a LoCoMo-format file.")] = None,
     run_out: Annotated[
         Path | None, typer.Option(help="quality: write the ranked turn ids per question here.")
@@ -116,7 +119,7 @@ def bench(
     elif name == "search":
         from bench import search
 
-        search.run()
+        search.run(tuple(sizes or (10_000, 100_000, 1_000_000)))
     elif name == "quality":
         from bench import quality
 
