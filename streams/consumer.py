@@ -65,7 +65,6 @@ class EventConsumer:
         self.codec = codec or Codec()
         self.validator = validator
         self._expected = {self.settings.topic(spec.name): spec.record for spec in ALL_TOPICS}
-        self._dlq_topic = self.settings.topic(DLQ.name)
         self._dead_letters = dead_letters
         self._owns_dead_letters = dead_letters is None
         self._worker = f"{socket.gethostname()}/{group_id}"
@@ -211,28 +210,38 @@ class EventConsumer:
             return None
 
     def _dead_letter(self, msg: Message, error_type: str, reason: str) -> None:
-        """Publish the message to the DLQ and wait for the ack before moving past it."""
         if self._dead_letters is None:
             self._dead_letters = EventProducer(self.settings, self.codec)
-        self._dead_letters.publish(
-            self._dlq_topic,
-            msg.topic(),
-            DLQ.record,
-            {
-                "event_id": str(
-                    uuid.uuid5(
-                        uuid.NAMESPACE_URL, f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
-                    )
-                ),
-                "source_topic": msg.topic(),
-                "partition": msg.partition(),
-                "offset": msg.offset(),
-                "key": msg.key(),
-                "value": msg.value(),
-                "error_type": error_type,
-                "error": reason,
-                "worker": self._worker,
-                "failed_at": utcnow(),
-            },
-        )
+        dead_letter(self._dead_letters, self.settings, msg, error_type, reason, self._worker)
         self.dead_lettered += 1
+
+
+def dead_letter(
+    producer: EventProducer,
+    settings: Settings,
+    msg: Message,
+    error_type: str,
+    reason: str,
+    worker: str,
+) -> None:
+    """Publish a message that could not be handled to the DLQ, byte for byte, with where it came
+    from and why; returns once the DLQ acknowledged it (only then may its offset move on)."""
+    producer.publish(
+        settings.topic(DLQ.name),
+        msg.topic(),
+        DLQ.record,
+        {
+            "event_id": str(
+                uuid.uuid5(uuid.NAMESPACE_URL, f"{msg.topic()}/{msg.partition()}/{msg.offset()}")
+            ),
+            "source_topic": msg.topic(),
+            "partition": msg.partition(),
+            "offset": msg.offset(),
+            "key": msg.key(),
+            "value": msg.value(),
+            "error_type": error_type,
+            "error": reason,
+            "worker": worker,
+            "failed_at": utcnow(),
+        },
+    )

@@ -76,8 +76,12 @@ class Settings(BaseSettings):
         default=64, ge=1, description="Interactions embedded together (batching across them)."
     )
     embedder: Literal["torch", "onnx", "onnx-int8"] = Field(
-        default="onnx-int8",
-        description="How MiniLM runs: sentence-transformers, or ONNX Runtime (fp32 or int8).",
+        default="onnx",
+        description=(
+            "How MiniLM runs: sentence-transformers, or ONNX Runtime fp32 (default: the same "
+            "vectors, faster), or int8 (faster still, but its activation scales depend on the "
+            "batch, so a text's vector varies slightly with what it was embedded with)."
+        ),
     )
     merge_threshold: float = Field(
         default=0.95, description="Cosine above which a new item is a repeat (MERGE)."

@@ -34,12 +34,11 @@ from sinks.clickhouse import ClickHouseSink
 from sinks.milvus import MilvusSink
 from sinks.stores import clickhouse_client, milvus_client, minio_client
 from sinks.vault import VaultSink
-from streams.consumer import Event, EventConsumer, InvalidEvent
-from streams.events import utcnow
+from streams.consumer import Event, EventConsumer, InvalidEvent, dead_letter
 from streams.producer import EventProducer
 from streams.search import Searcher
 from streams.settings import Settings
-from streams.topics import DLQ, INTERACTIONS, MEMORY_OPS, QUERIES, retry_kafka
+from streams.topics import INTERACTIONS, MEMORY_OPS, QUERIES, retry_kafka
 
 log = logging.getLogger("memstream.worker")
 
@@ -204,29 +203,12 @@ class Worker:
         try:
             decoded = self.codec.decode(msg.value(), reader=MEMORY_OPS.record)
         except DecodeError as exc:
-            self._dead_letter(msg, "DecodeError", exc.reason)
+            dead_letter(
+                self.producer, self.settings, msg, "DecodeError", exc.reason, "ops-follower"
+            )
             return None
         return Event(msg.topic(), msg.partition(), msg.offset(), msg.key(), decoded.name,
                      decoded.writer_version, decoded.record, msg.timestamp()[1])  # fmt: skip
-
-    def _dead_letter(self, msg: Any, error_type: str, reason: str) -> None:
-        self.producer.publish(
-            self.settings.topic(DLQ.name),
-            msg.topic(),
-            DLQ.record,
-            {
-                "event_id": f"{msg.topic()}/{msg.partition()}/{msg.offset()}",
-                "source_topic": msg.topic(),
-                "partition": msg.partition(),
-                "offset": msg.offset(),
-                "key": msg.key(),
-                "value": msg.value(),
-                "error_type": error_type,
-                "error": reason,
-                "worker": "ops-follower",
-                "failed_at": utcnow(),
-            },
-        )
 
     def _flush_views(self) -> None:
         """When the log goes quiet, seal what Milvus holds in memory (searches stay fast)."""
