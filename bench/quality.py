@@ -132,7 +132,11 @@ def run(
         from bench.peers import mem0
 
         with console.status("mem0: ingesting and searching the same conversations..."):
-            peer = mem0.run(data or locomo.default_file(), worker.settings.tools_dir / "onnx")
+            peer = mem0.run(
+                data or locomo.default_file(),
+                worker.settings.tools_dir / "onnx",
+                quantize=worker.settings.embedder == "onnx-int8",
+            )
         for sample in samples:
             known = locomo.turn_ids(sample)
             for index, qa in enumerate(sample.qa):

@@ -31,11 +31,13 @@ def ensure_env() -> Path:
     return python
 
 
-def run(data: Path, onnx_dir: Path, top_k: int = 50) -> dict[str, Any]:
-    """Ingest every conversation of ``data`` into mem0 and answer its questions."""
+def run(data: Path, onnx_dir: Path, quantize: bool, top_k: int = 50) -> dict[str, Any]:
+    """Ingest every conversation of ``data`` into mem0 and answer its questions, embedding with
+    memstream's ONNX MiniLM (fp32, the same vectors as torch, or int8)."""
     python = ensure_env()
     with tempfile.TemporaryDirectory(prefix="mem0-") as workdir:
-        job = {"data": str(data), "workdir": workdir, "onnx_dir": str(onnx_dir), "top_k": top_k}
+        job = {"data": str(data), "workdir": workdir, "onnx_dir": str(onnx_dir),
+               "quantize": quantize, "top_k": top_k}  # fmt: skip
         result = subprocess.run(
             [str(python), "-m", "bench.peers.mem0_runner"],
             input=json.dumps(job),

@@ -1,12 +1,13 @@
 """Runs inside the mem0 environment (``.venv-peer``): ingest LoCoMo turns, answer searches.
 
-Input (stdin, JSON): {"data": path, "workdir": path, "onnx_dir": path, "top_k": int}.
+Input (stdin, JSON): {"data": path, "workdir": path, "onnx_dir": path, "quantize": bool,
+"top_k": int}.
 Output (stdout, last line, JSON): {"runs": {"<sample>#<qa index>": [dia_id, ...]},
 "add_ms": [...], "search_ms": [...]}.
 
 mem0 is configured fully offline: ``infer=False`` (no LLM is reachable here; the OpenAI settings
 point at an unused local port and are never called), local on-disk Qdrant, and the very embedder
-memstream uses (MiniLM on ONNX Runtime, int8) injected as its embedding model.
+memstream uses (MiniLM on ONNX Runtime) injected as its embedding model.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ os.environ.setdefault("MEM0_TELEMETRY", "False")
 class SharedEmbedder:
     """mem0's embedding-model interface over memstream's ONNX MiniLM."""
 
-    def __init__(self, onnx_dir: Path) -> None:
+    def __init__(self, onnx_dir: Path, quantize: bool) -> None:
         from processors.onnx_embedder import OnnxMiniLMEmbedder
 
-        self.inner = OnnxMiniLMEmbedder(onnx_dir, quantize=True)
+        self.inner = OnnxMiniLMEmbedder(onnx_dir, quantize=quantize)
 
     def embed(self, text: str, memory_action: str | None = None) -> list[float]:
         return self.inner.encode([text])[0].tolist()
@@ -51,7 +52,7 @@ def main() -> None:
             "history_db_path": str(workdir / "history.db"),
         }
     )  # fmt: skip
-    memory.embedding_model = SharedEmbedder(Path(job["onnx_dir"]))
+    memory.embedding_model = SharedEmbedder(Path(job["onnx_dir"]), job["quantize"])
 
     runs: dict[str, list[str]] = {}
     add_ms: list[float] = []
