@@ -150,10 +150,9 @@ def ensure_formatted(settings: Settings) -> None:
             "kafka.tools.StorageTool",
             "format",
             "--ignore-formatted",
-            "-t",
-            cluster_id,
-            "-c",
-            str(home(settings) / "server.properties"),
+            # One token: a base64 id may start with "-", which argparse would take for a flag.
+            f"--cluster-id={cluster_id}",
+            f"--config={home(settings) / 'server.properties'}",
         ),
         "formatting Kafka KRaft storage",
     )

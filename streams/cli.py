@@ -119,7 +119,7 @@ def bench(
     elif name == "search":
         from bench import search
 
-        search.run(tuple(sizes or (10_000, 100_000, 1_000_000)))
+        search.run(tuple(sizes or (10_000, 100_000)))
     elif name == "quality":
         from bench import quality
 
