@@ -132,7 +132,7 @@ def run(
         from bench.peers import mem0
 
         with console.status("mem0: ingesting and searching the same conversations..."):
-            peer = mem0.run(
+            peer = mem0.quality(
                 data or locomo.default_file(),
                 worker.settings.tools_dir / "onnx",
                 quantize=worker.settings.embedder == "onnx-int8",

@@ -28,13 +28,31 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
     }
 
 
-def write(name: str, results: dict[str, Any], console: Console | None = None) -> Path:
-    """Print every number as a table and write them (with the machine) to results/<name>.json."""
+def write(
+    name: str,
+    results: dict[str, Any],
+    console: Console | None = None,
+    side_by_side: tuple[str, ...] = (),
+) -> Path:
+    """Print every number as a table and write them (with the machine) to results/<name>.json.
+
+    ``side_by_side`` names keys of ``results`` holding the same measurements for different
+    systems: they share one table, a column each, a row per metric.
+    """
     console = console or Console()
-    table = Table("metric", "value", title=f"memstream bench {name}")
-    for key, value in _flatten(results):
-        table.add_row(key, f"{value:,.2f}" if isinstance(value, float) else str(value))
-    console.print(table)
+    systems = [s for s in side_by_side if s in results]
+    rest = {k: v for k, v in results.items() if k not in systems}
+    if rest:
+        table = Table("metric", "value", title=f"memstream bench {name}")
+        for key, value in _flatten(rest):
+            table.add_row(key, _cell(value))
+        console.print(table)
+    if systems:
+        table = Table("metric", *systems, title=f"memstream bench {name}: side by side")
+        columns = [dict(_flatten(results[s])) for s in systems]
+        for key in dict.fromkeys(k for c in columns for k in c):
+            table.add_row(key, *(_cell(c.get(key, "")) for c in columns))
+        console.print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     document = {
@@ -50,6 +68,10 @@ def write(name: str, results: dict[str, Any], console: Console | None = None) ->
     path.write_text(json.dumps(document, indent=2) + "\n")
     console.print(f"written {path}")
     return path
+
+
+def _cell(value: Any) -> str:
+    return f"{value:,.2f}" if isinstance(value, float) else str(value)
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

@@ -8,7 +8,6 @@ active (merged, archived, expired, deleted) leave the collection; the vault keep
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from pymilvus import DataType, MilvusClient
@@ -26,15 +25,36 @@ OUTPUT_FIELDS = [
 ]  # fmt: skip
 
 
+PAGE = 16384
+
+
+def quote(value: str) -> str:
+    """A string literal for a Milvus boolean expression."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def _ms(value: Any) -> int:
     return int(value.timestamp() * 1000) if value is not None else NO_TIME
 
 
-@dataclass(frozen=True)
-class Hit:
-    memory_id: str
-    score: float
-    row: dict[str, Any]
+def row_fields(m: Memory) -> dict[str, Any]:
+    """A memory state as the view's row holds it (``OUTPUT_FIELDS``), without its vector."""
+    source = m.source or {}
+    return {
+        "memory_id": m.memory_id,
+        "cube_id": m.cube_id,
+        "version": m.version,
+        "text": m.text,
+        "key": m.key or "",
+        "tags": [t[:128] for t in m.tags[:64]],
+        "created_at": _ms(m.created_at),
+        "updated_at": _ms(m.updated_at),
+        "valid_from": _ms(m.valid_from),
+        "valid_to": _ms(m.valid_to),
+        "session_id": source.get("session_id") or "",
+        "turn_id": source.get("turn_id") or "",
+        "source_event_id": source.get("event_id") or "",
+    }
 
 
 class MilvusSink:
@@ -91,39 +111,23 @@ class MilvusSink:
 
     @staticmethod
     def _row(m: Memory) -> dict[str, Any]:
-        source = m.source or {}
-        return {
-            "memory_id": m.memory_id,
-            "cube_id": m.cube_id,
-            "version": m.version,
-            "text": m.text,
-            "key": m.key or "",
-            "tags": [t[:128] for t in m.tags[:64]],
-            "created_at": _ms(m.created_at),
-            "updated_at": _ms(m.updated_at),
-            "valid_from": _ms(m.valid_from),
-            "valid_to": _ms(m.valid_to),
-            "session_id": source.get("session_id") or "",
-            "turn_id": source.get("turn_id") or "",
-            "source_event_id": source.get("event_id") or "",
-            "vector": embedding_vector(m.embedding).tolist(),
-        }
-
-    def search(self, vector: Sequence[float], filter_expr: str, limit: int) -> list[Hit]:
-        results = self.client.search(
-            self.collection,
-            data=[list(map(float, vector))],
-            limit=limit,
-            filter=filter_expr,
-            output_fields=OUTPUT_FIELDS,
-            search_params={"metric_type": "COSINE"},
-        )[0]
-        return [Hit(h["memory_id"], float(h["distance"]), dict(h["entity"])) for h in results]
+        return {**row_fields(m), "vector": embedding_vector(m.embedding).tolist()}
 
     def rows(self, filter_expr: str, limit: int = 16384) -> list[dict[str, Any]]:
         return self.client.query(
             self.collection, filter=filter_expr, output_fields=OUTPUT_FIELDS, limit=limit
         )
+
+    def cube_rows(self, cube_id: str) -> list[dict[str, Any]]:
+        """Every row of one cube, current and closed, with its vector (pages of 16,384)."""
+        expr = f"cube_id == {quote(cube_id)}"
+        rows: list[dict[str, Any]] = []
+        while True:
+            page = self.client.query(self.collection, filter=expr, limit=PAGE, offset=len(rows),
+                                     output_fields=[*OUTPUT_FIELDS, "vector"])  # fmt: skip
+            rows.extend(page)
+            if len(page) < PAGE:
+                return rows
 
     def get(self, memory_ids: Sequence[str]) -> list[dict[str, Any]]:
         return self.client.get(self.collection, ids=list(memory_ids), output_fields=OUTPUT_FIELDS)

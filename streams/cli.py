@@ -101,8 +101,8 @@ def serve(
 
 @app.command()
 def bench(
-    name: Annotated[str, typer.Argument(help="pipeline (ingest), search (scale) or quality.")],
-    interactions: Annotated[int, typer.Option(help="pipeline: interactions to ingest.")] = 20_000,
+    name: Annotated[str, typer.Argument(help="ingest, search or quality.")],
+    interactions: Annotated[int, typer.Option(help="ingest: interactions to ingest.")] = 20_000,
     sizes: Annotated[
         list[int] | None, typer.Option("--size", help="search: memories in the store (repeat).")
     ] = None,
@@ -110,22 +110,23 @@ def bench(
     run_out: Annotated[
         Path | None, typer.Option(help="quality: write the ranked turn ids per question here.")
     ] = None,
+    no_peer: Annotated[bool, typer.Option("--no-peer", help="Leave mem0 out.")] = False,
 ) -> None:
     """Run a benchmark against the running services; prints a table, writes bench/results."""
-    if name == "pipeline":
-        from bench import pipeline
+    if name == "ingest":
+        from bench import ingest
 
-        pipeline.run(n=interactions)
+        ingest.run(n=interactions, peers=() if no_peer else ("mem0",))
     elif name == "search":
         from bench import search
 
-        search.run(tuple(sizes or (10_000, 100_000)))
+        search.run(tuple(sizes or search.SIZES), peers=() if no_peer else ("mem0",))
     elif name == "quality":
         from bench import quality
 
-        quality.run(data, run_out)
+        quality.run(data, run_out, peers=() if no_peer else ("mem0",))
     else:
-        raise _fail(f"unknown benchmark {name!r} (known: pipeline, search, quality)")
+        raise _fail(f"unknown benchmark {name!r} (known: ingest, search, quality)")
 
 
 @app.command()

@@ -83,6 +83,11 @@ class Settings(BaseSettings):
             "batch, so a text's vector varies slightly with what it was embedded with)."
         ),
     )
+    search_budget_rows: int = Field(
+        default=2_000_000,
+        ge=1,
+        description="Memories the search working set keeps in process (least recent cube out).",
+    )
     merge_threshold: float = Field(
         default=0.95, description="Cosine above which a new item is a repeat (MERGE)."
     )

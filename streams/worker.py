@@ -20,13 +20,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from processors.embedder import Embedder, load_embedder
 from processors.extract import Extractor, LLMExtractor, RuleExtractor
+from processors.fold import Memory
 from processors.fusion import CubeMemories
 from processors.reader import MemReader, Sourced
 from schemas import Codec, DecodeError
@@ -98,7 +99,7 @@ class Worker:
         self.milvus = MilvusSink(milvus_client(self.settings))
         self.clickhouse = ClickHouseSink(clickhouse_client(self.settings))
         self.vault = VaultSink(minio_client(self.settings), self.settings.minio_bucket)
-        self.searcher = Searcher(self.milvus, self.embedder)
+        self.searcher = Searcher(self.milvus, self.embedder, self.settings.search_budget_rows)
         self.caught_up = threading.Event()
         self.failure: BaseException | None = None
         self._stop = threading.Event()
@@ -170,6 +171,7 @@ class Worker:
                 else:
                     messages = [first, *consumer.consume(999, 0)]
                 to_write: list[Event] = []
+                folded: dict[str, None] = {}
                 for msg in messages:
                     if msg.error() is not None:
                         raise RuntimeError(f"memory-ops consumer: {msg.error()}")
@@ -178,10 +180,13 @@ class Worker:
                         continue
                     self.memories.apply(event.value)
                     self.counters["ops_folded"] += 1
+                    folded[event.value["memory_id"]] = None
                     if msg.offset() >= committed[msg.partition()]:
                         to_write.append(event)
                 if to_write:
                     self._write_views(to_write)
+                # Every folded state, replayed ones too: the working set is built from the fold.
+                self.searcher.apply(self._states(folded))
                 # The fetch position, unlike last offset + 1, steps over transaction markers.
                 position = {tp.partition: tp.offset for tp in consumer.position(tps)}
                 advanced = [TopicPartition(topic, p, o) for p, o in position.items()
@@ -218,14 +223,15 @@ class Worker:
 
     def _write_views(self, events: list[Event]) -> None:
         """Write the latest state of every memory the ops touched, and the ops themselves."""
-        memory_ids = dict.fromkeys(e.value["memory_id"] for e in events)
-        states = [m for mid in memory_ids if (m := self.memories.get(mid)) is not None]
+        states = self._states(e.value["memory_id"] for e in events)
         with self._store_lock:
             self.milvus.write(states)
             self.vault.write(states)
             self.clickhouse.write_ops(events)
-        self.searcher.invalidate({m.cube_id for m in states})
         self.counters["ops_written"] += len(events)
+
+    def _states(self, memory_ids: Iterable[str]) -> list[Memory]:
+        return [m for mid in dict.fromkeys(memory_ids) if (m := self.memories.get(mid)) is not None]
 
     # reader ----------------------------------------------------------------------------------
 

@@ -1,22 +1,34 @@
-"""Runs inside the mem0 environment (``.venv-peer``): ingest LoCoMo turns, answer searches.
+"""Runs inside the mem0 environment (``.venv-peer``): the same workloads as memstream's benchmarks.
 
-Input (stdin, JSON): {"data": path, "workdir": path, "onnx_dir": path, "quantize": bool,
-"top_k": int}.
-Output (stdout, last line, JSON): {"runs": {"<sample>#<qa index>": [dia_id, ...]},
-"add_ms": [...], "search_ms": [...]}.
+Input (stdin, JSON) — common: {"mode": "quality" | "ingest" | "search", "workdir": path,
+"onnx_dir": path, "quantize": bool}, and per mode:
+
+- quality: {"data": path, "top_k": int} -> {"runs": {"<sample>#<qa index>": [dia_id, ...]},
+  "add_ms": [...], "search_ms": [...]}
+- ingest: {"interactions": path of a JSON list of {cube_id, speaker, content, turn_id},
+  "probes": int} -> {"total_s", "add_ms": [...], "to_searchable_ms": [...]}
+- search: {"vectors": path of an .npy of real memory vectors, "texts": [...], "questions": [...],
+  "sizes": [...], "per_cube": int, "queries": int, "budget_s": float} -> {"<size>": {...}}
+
+Output: the result as JSON on the last line of stdout.
 
 mem0 is configured fully offline: ``infer=False`` (no LLM is reachable here; the OpenAI settings
-point at an unused local port and are never called), local on-disk Qdrant, and the very embedder
-memstream uses (MiniLM on ONNX Runtime) injected as its embedding model.
+point at an unused local port and are never called), local on-disk Qdrant (mem0's default
+store), and the very embedder memstream uses (MiniLM on ONNX Runtime) injected as its model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("MEM0_TELEMETRY", "False")
 
@@ -33,13 +45,10 @@ class SharedEmbedder:
         return self.inner.encode([text])[0].tolist()
 
 
-def main() -> None:
-    job = json.loads(sys.stdin.read())
+def open_memory(job: dict[str, Any], name: str = "memories") -> Any:
     from mem0 import Memory
 
-    from streams import locomo
-
-    workdir = Path(job["workdir"])
+    workdir = Path(job["workdir"]) / name
     memory = Memory.from_config(
         {
             "embedder": {"provider": "openai", "config": {"api_key": "unused",
@@ -47,13 +56,33 @@ def main() -> None:
             "llm": {"provider": "openai", "config": {"api_key": "unused",
                     "openai_base_url": "http://127.0.0.1:9/v1"}},
             "vector_store": {"provider": "qdrant", "config": {"path": str(workdir / "qdrant"),
-                             "collection_name": "locomo", "embedding_model_dims": 384,
+                             "collection_name": "memories", "embedding_model_dims": 384,
                              "on_disk": True}},
             "history_db_path": str(workdir / "history.db"),
         }
     )  # fmt: skip
     memory.embedding_model = SharedEmbedder(Path(job["onnx_dir"]), job["quantize"])
+    return memory
 
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    import numpy as np
+
+    if not values:
+        return {"n": 0}
+    return {
+        "n": len(values),
+        "p50_ms": round(float(np.percentile(values, 50)), 2),
+        "p95_ms": round(float(np.percentile(values, 95)), 2),
+        "p99_ms": round(float(np.percentile(values, 99)), 2),
+        "mean_ms": round(float(np.mean(values)), 2),
+    }
+
+
+def quality(job: dict[str, Any]) -> dict[str, Any]:
+    from streams import locomo
+
+    memory = open_memory(job)
     runs: dict[str, list[str]] = {}
     add_ms: list[float] = []
     search_ms: list[float] = []
@@ -79,7 +108,102 @@ def main() -> None:
             hits = found["results"] if isinstance(found, dict) else found
             turns = [(h.get("metadata") or {}).get("dia_id") for h in hits]
             runs[f"{sample.sample_id}#{index}"] = list(dict.fromkeys(t for t in turns if t))
-    print(json.dumps({"runs": runs, "add_ms": add_ms, "search_ms": search_ms}))
+    return {"runs": runs, "add_ms": add_ms, "search_ms": search_ms}
+
+
+def ingest(job: dict[str, Any]) -> dict[str, Any]:
+    """Every interaction through ``add`` (mem0's write path, synchronous), then probes: a new
+    interaction until ``search`` finds it."""
+    interactions = json.loads(Path(job["interactions"]).read_text())
+    memory = open_memory(job)
+    add_ms: list[float] = []
+    started = time.perf_counter()
+    for i in interactions:
+        t = time.perf_counter()
+        memory.add(f"{i['speaker']}: {i['content']}", user_id=i["cube_id"],
+                   metadata={"dia_id": i["turn_id"]}, infer=False)  # fmt: skip
+        add_ms.append((time.perf_counter() - t) * 1e3)
+    total_s = time.perf_counter() - started
+    to_searchable: list[float] = []
+    for _ in range(job["probes"]):
+        token = f"zq{uuid.uuid4().hex[:10]}"
+        sent = time.perf_counter()
+        memory.add(f"Probe: My locker code word is {token} for the gym.", user_id="bench-probe",
+                   infer=False)  # fmt: skip
+        while True:
+            found = memory.search(token, filters={"user_id": "bench-probe"}, top_k=3)
+            hits = found["results"] if isinstance(found, dict) else found
+            if any(token in h["memory"] for h in hits):
+                break
+        to_searchable.append((time.perf_counter() - sent) * 1e3)
+    return {"total_s": total_s, "add_ms": add_ms, "to_searchable_ms": to_searchable}
+
+
+def search(job: dict[str, Any]) -> dict[str, Any]:
+    """The search benchmark's memories written through mem0's vector store in batches (``add``
+    would embed each one again), then ``search`` — embedding + Qdrant + mem0's scoring — timed
+    with 1 and 8 concurrent clients. A size whose fill would overrun the budget is skipped."""
+    import numpy as np
+    from mem0.utils.lemmatization import lemmatize_for_bm25
+
+    base = np.load(job["vectors"])
+    texts, questions = job["texts"], job["questions"]
+    per_cube, queries = job["per_cube"], job["queries"]
+    lemmas = [lemmatize_for_bm25(t) for t in texts]
+    out: dict[str, Any] = {}
+    rate = None
+    for size in job["sizes"]:
+        if rate is not None and size / rate > job["budget_s"]:
+            reason = (f"fill would take ~{size / rate:.0f} s at {rate:.0f} memories/s, "
+                      f"over the {job['budget_s']:.0f} s budget")  # fmt: skip
+            out[str(size)] = {"skipped": reason}
+            continue
+        memory = open_memory(job, f"search-{size}")
+        rng = np.random.default_rng(7)
+        now = datetime.now(UTC).isoformat()
+        started = time.perf_counter()
+        for start in range(0, size, 1000):
+            vectors, payloads, ids = [], [], []
+            for i in range(start, min(size, start + 1000)):
+                vector = base[i % len(base)]
+                if i >= len(base):
+                    vector = vector + rng.normal(0, 0.05, vector.shape).astype(np.float32)
+                    vector /= np.linalg.norm(vector)
+                text = texts[i % len(texts)]
+                vectors.append(vector.tolist())
+                payloads.append({"data": text, "user_id": f"cube-{i // per_cube}",
+                                 "hash": hashlib.md5(text.encode()).hexdigest(),
+                                 "created_at": now, "updated_at": now,
+                                 "text_lemmatized": lemmas[i % len(texts)]})  # fmt: skip
+                ids.append(str(uuid.UUID(int=i + 1)))
+            memory.vector_store.insert(vectors=vectors, payloads=payloads, ids=ids)
+        write_s = time.perf_counter() - started
+        rate = size / write_s
+        cubes = max(1, size // per_cube)
+
+        def one(index: int, memory: Any = memory, cubes: int = cubes) -> float:
+            t = time.perf_counter()
+            memory.search(questions[index % len(questions)],
+                          filters={"user_id": f"cube-{index % cubes}"}, top_k=10)  # fmt: skip
+            return (time.perf_counter() - t) * 1e3
+
+        result: dict[str, Any] = {"cubes": cubes, "write_s": round(write_s, 1)}
+        for name, clients in (("one_client", 1), ("eight_clients", 8)):
+            n = max(8, min(queries, int(job["budget_s"] * 1000 / max(one(0), 1) / 4)))
+            t = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                latencies = list(pool.map(one, range(n)))
+            result[name] = {**percentiles(latencies),
+                            "qps": round(n / (time.perf_counter() - t), 1)}  # fmt: skip
+        out[str(size)] = result
+        print(json.dumps({"progress": size, **result}), file=sys.stderr, flush=True)
+    return out
+
+
+def main() -> None:
+    job = json.loads(sys.stdin.read())
+    mode = {"quality": quality, "ingest": ingest, "search": search}[job.get("mode", "quality")]
+    print(json.dumps(mode(job)))
 
 
 if __name__ == "__main__":

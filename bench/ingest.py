@@ -1,4 +1,4 @@
-"""Ingest and search through the real pipeline, next to the embedder's own ceiling.
+"""Ingest and search through the real pipeline, next to its ceilings and to mem0.
 
 Starts a worker (`memstream serve`) on fresh topics against the running Kafka and MinIO,
 publishes N LoCoMo turns spread over cubes as fast as the producer goes, and measures:
@@ -9,7 +9,10 @@ publishes N LoCoMo turns spread over cubes as fast as the producer goes, and mea
   search finds it (p50/p95/p99);
 - search latency at the resulting memory count, one client (p50/p95/p99, QPS) and where the
   time goes (query embedding, Milvus, BM25);
-- the ceiling: MiniLM alone on the same memory texts, in this process.
+- the ceilings: MiniLM alone on the same memory texts, in this process; Kafka producing and
+  consuming the same events;
+- mem0, side by side: the same interactions through ``Memory.add`` (``infer=False``: no LLM here)
+  with the same embedder, and its add-to-searchable latency.
 """
 
 from __future__ import annotations
@@ -70,7 +73,8 @@ def kafka_ceiling(settings: Settings, interactions: list[Interaction]) -> dict[s
     }
 
 
-def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300) -> dict[str, Any]:
+def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300,
+        peers: tuple[str, ...] = ("mem0",)) -> dict[str, Any]:  # fmt: skip
     console = Console()
     base = Settings()
     data = Path(tempfile.mkdtemp(prefix="memstream-bench-"))
@@ -115,7 +119,7 @@ def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300) 
 
         questions = [qa["question"] for s in locomo.load() for qa in s.qa][:queries]
         cube_ids = sorted({i.cube_id for i in interactions})
-        search_ms, parts = [], {"embed_ms": [], "dense_ms": [], "keyword_ms": []}
+        search_ms, parts = [], {"embed_ms": [], "snapshot_ms": [], "dense_ms": [], "keyword_ms": []}
         t0 = time.perf_counter()
         for q, cube in zip(questions, cycle(cube_ids), strict=False):
             s = time.perf_counter()
@@ -137,24 +141,26 @@ def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300) 
         embed_s = time.perf_counter() - e0
         items_per_interaction = len(texts) / 2000
         kafka = kafka_ceiling(worker.settings, interactions)
-        results = {
+        median = {key: statistics.median(values) for key, values in parts.items()}
+        results: dict[str, Any] = {
             "interactions": n,
             "cubes": len(cube_ids),
-            "memories_in_view": memory_count,
-            "ops": counters["ops_emitted"],
-            "ingest": {
+            "memstream": {
+                "memories_in_view": memory_count,
+                "ops": counters["ops_emitted"],
                 "publish_s": round(published, 2),
                 "total_s": round(ingest_s, 2),
                 "interactions_per_s": round(n / ingest_s, 1),
                 "memories_per_s": round(counters["ops_emitted"] / ingest_s, 1),
-            },
-            "event_to_searchable": percentiles(latencies),
-            "search_single_client": {
-                **percentiles(search_ms),
-                "qps": round(len(search_ms) / search_wall, 1),
-                "embed_ms_median": round(statistics.median(parts["embed_ms"]), 2),
-                "milvus_ms_median": round(statistics.median(parts["dense_ms"]), 2),
-                "bm25_ms_median": round(statistics.median(parts["keyword_ms"]), 2),
+                "event_to_searchable": percentiles(latencies),
+                "search_single_client": {
+                    **percentiles(search_ms),
+                    "qps": round(len(search_ms) / search_wall, 1),
+                    "embed_ms_median": round(median["embed_ms"], 2),
+                    "store_ms_median": round(
+                        median["snapshot_ms"] + median["dense_ms"] + median["keyword_ms"], 2
+                    ),
+                },
             },
             "ceiling_kafka": kafka,
             "ceiling_embedder": {
@@ -166,10 +172,32 @@ def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300) 
                 ),
             },
         }
-        write("pipeline", results, console)
-        return results
+        write("ingest", results, console, side_by_side=("memstream", "mem0"))
     finally:
         worker.stop()
+    if "mem0" in peers:
+        results["mem0"] = peer_ingest(interactions, probes, base)
+        write("ingest", results, console, side_by_side=("memstream", "mem0"))
+    return results
+
+
+def peer_ingest(interactions: list[Interaction], probes: int, settings: Settings) -> dict[str, Any]:
+    """The same interactions through mem0's ``add``, one at a time as its API takes them."""
+    from bench.peers import mem0
+
+    console = Console()
+    rows = [{"cube_id": i.cube_id, "speaker": i.speaker, "content": i.content,
+             "turn_id": i.turn_id} for i in interactions]  # fmt: skip
+    with console.status(f"mem0: adding the same {len(rows):,} interactions..."):
+        peer = mem0.ingest(rows, probes, settings.tools_dir / "onnx",
+                           settings.embedder == "onnx-int8")  # fmt: skip
+    return {
+        "total_s": round(peer["total_s"], 2),
+        "interactions_per_s": round(len(rows) / peer["total_s"], 1),
+        "memories_per_s": round(len(rows) / peer["total_s"], 1),
+        "add": percentiles(peer["add_ms"]),
+        "event_to_searchable": percentiles(peer["to_searchable_ms"]),
+    }
 
 
 if __name__ == "__main__":

@@ -1,0 +1,222 @@
+"""The search working set: each hot cube's memories, vectors and BM25 index in process memory.
+
+Every search is scoped to one cube, but an embedded vector store filters by scanning all rows:
+milvus-lite answers a cube-filtered search in ~60 ms at 100k memories and ~1.3 s at 1M, because
+the cost grows with the whole collection, not with the cube. A cube is a tenant's memory (tens
+of thousands of items, rarely more), so exact cosine over the cube's own matrix costs well under
+a millisecond and ranks exactly (no ANN recall loss). The worker keeps the working set current
+from the same memory states it writes to Milvus (:meth:`WorkingSet.apply`), so a memory is
+searchable the moment its op is folded; a cube that is not resident (a process that does not
+follow the log, or one evicted by the row budget) is loaded from Milvus, the store of record, on
+its first search. The budget bounds memory: least recently searched cubes leave first.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import bm25s
+import numpy as np
+
+from processors.embedder import DIM
+from processors.fold import Memory
+from processors.ops import embedding_vector
+from sinks.milvus import NO_TIME, row_fields
+
+Loader = Callable[[str], list[dict[str, Any]]]
+
+
+def _ms(value: datetime | None) -> int | None:
+    return int(value.timestamp() * 1000) if value is not None else None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """An immutable view of one cube: searches read it while the worker prepares the next."""
+
+    ids: list[str]
+    rows: list[dict[str, Any]]
+    matrix: np.ndarray
+    valid_from: np.ndarray
+    valid_to: np.ndarray
+    bm25: bm25s.BM25 | None
+
+    def mask(
+        self,
+        since: datetime | None,
+        until: datetime | None,
+        tags: list[str] | None,
+        include_history: bool,
+    ) -> np.ndarray:
+        """Rows that pass the filter: the same rules as the Milvus expression in ``search``."""
+        keep = np.ones(len(self.ids), dtype=bool)
+        if not include_history:
+            keep &= self.valid_to == NO_TIME
+        if (start := _ms(since)) is not None:
+            keep &= self.valid_from >= start
+        if (end := _ms(until)) is not None:
+            keep &= self.valid_from <= end
+        if tags:
+            wanted = {t.lower() for t in tags}
+            keep &= np.fromiter(
+                (not wanted.isdisjoint(r.get("tags") or ()) for r in self.rows),
+                dtype=bool,
+                count=len(self.rows),
+            )
+        return keep
+
+    def dense(self, vector: np.ndarray, keep: np.ndarray, limit: int) -> list[tuple[int, float]]:
+        """Exact cosine top-``limit`` among the kept rows (vectors are unit length)."""
+        candidates = np.flatnonzero(keep)
+        if not len(candidates):
+            return []
+        scores = self.matrix[candidates] @ vector if len(candidates) < len(keep) else (
+            self.matrix @ vector
+        )  # fmt: skip
+        return _top(candidates, scores, limit)
+
+    def keyword(self, query: str, keep: np.ndarray, limit: int) -> list[tuple[int, float]]:
+        """BM25 top-``limit`` among the kept rows, only rows that share a term with the query."""
+        if self.bm25 is None:
+            return []
+        tokens = bm25s.tokenize([query], stopwords="en", return_ids=False, show_progress=False)
+        known = [t for t in tokens[0] if t in self.bm25.vocab_dict]
+        if not known:
+            return []
+        scores = self.bm25.get_scores(known)
+        candidates = np.flatnonzero(keep & (scores > 0))
+        return _top(candidates, scores[candidates], limit)
+
+
+def _top(candidates: np.ndarray, scores: np.ndarray, limit: int) -> list[tuple[int, float]]:
+    if len(candidates) > limit:
+        best = np.argpartition(-scores, limit - 1)[:limit]
+        candidates, scores = candidates[best], scores[best]
+    order = np.argsort(-scores, kind="stable")
+    return [(int(candidates[i]), float(scores[i])) for i in order]
+
+
+class _Cube:
+    """One resident cube: rows by memory id (the truth) and the snapshot built from them."""
+
+    def __init__(self, rows: Iterable[dict[str, Any]]) -> None:
+        self.rows: dict[str, dict[str, Any]] = {r["memory_id"]: r for r in rows}
+        self.snapshot: Snapshot | None = None
+        self.lock = threading.Lock()
+
+    def build(self) -> Snapshot:
+        ids = sorted(self.rows)
+        rows = [self.rows[i] for i in ids]
+        matrix = np.zeros((len(rows), DIM), dtype=np.float32)
+        for n, r in enumerate(rows):
+            matrix[n] = r["vector"]
+        bm25 = None
+        if rows:
+            corpus = [f"{r['text']} {' '.join(r.get('tags') or [])}" for r in rows]
+            bm25 = bm25s.BM25()
+            bm25.index(bm25s.tokenize(corpus, stopwords="en", show_progress=False),
+                       show_progress=False)  # fmt: skip
+        return Snapshot(
+            ids=ids,
+            rows=[{k: v for k, v in r.items() if k != "vector"} for r in rows],
+            matrix=matrix,
+            valid_from=np.array([r["valid_from"] for r in rows], dtype=np.int64),
+            valid_to=np.array([r["valid_to"] for r in rows], dtype=np.int64),
+            bm25=bm25,
+        )
+
+
+class WorkingSet:
+    """Resident cubes under a row budget, least recently searched evicted first; thread-safe."""
+
+    def __init__(self, loader: Loader, budget_rows: int) -> None:
+        self._loader = loader
+        self.budget_rows = budget_rows
+        self._cubes: OrderedDict[str, _Cube] = OrderedDict()
+        self._cold: set[str] = set()
+        self._loading: set[str] = set()
+        self._changes: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.loads = 0
+
+    @property
+    def resident_rows(self) -> int:
+        with self._lock:
+            return sum(len(c.rows) for c in self._cubes.values())
+
+    def resident(self, cube_id: str) -> bool:
+        with self._lock:
+            return cube_id in self._cubes
+
+    def apply(self, states: Iterable[Memory]) -> None:
+        """Take the memory states the view was just given: searchable ones in, others out.
+
+        The caller must pass every state of a cube from its first one on, as the ops follower
+        does (it folds the log from offset 0); a cube evicted since is left to the store.
+        """
+        touched: dict[str, list[Memory]] = {}
+        for m in states:
+            if m.memory_type == "PLAINTEXT":
+                touched.setdefault(m.cube_id, []).append(m)
+        with self._lock:
+            for cube_id, memories in touched.items():
+                self._changes[cube_id] = self._changes.get(cube_id, 0) + 1
+                cube = self._cubes.get(cube_id)
+                if cube is None:
+                    if cube_id in self._cold or cube_id in self._loading:
+                        continue  # the store has it; a load in flight reads it again
+                    cube = self._cubes[cube_id] = _Cube(())
+                for m in memories:
+                    if m.searchable:
+                        cube.rows[m.memory_id] = {**row_fields(m), "vector": _unit(
+                            embedding_vector(m.embedding))}  # fmt: skip
+                    else:
+                        cube.rows.pop(m.memory_id, None)
+                cube.snapshot = None
+            self._evict()
+
+    def snapshot(self, cube_id: str) -> tuple[Snapshot, bool]:
+        """The cube's current snapshot, and whether it had to be loaded from the store."""
+        loaded = False
+        while True:
+            with self._lock:
+                cube = self._cubes.get(cube_id)
+                if cube is not None:
+                    self._cubes.move_to_end(cube_id)
+                    break
+                seen = self._changes.get(cube_id, 0)
+                self._loading.add(cube_id)
+            rows = [{**r, "vector": _unit(np.asarray(r["vector"], dtype=np.float32))}
+                    for r in self._loader(cube_id)]  # fmt: skip
+            loaded = True
+            with self._lock:
+                self.loads += 1
+                if self._changes.get(cube_id, 0) != seen:
+                    continue  # the view changed while it was read: read it again
+                self._loading.discard(cube_id)
+                cube = self._cubes.setdefault(cube_id, _Cube(rows))
+                self._cold.discard(cube_id)
+                self._evict()
+                break
+        with cube.lock:
+            snapshot = cube.snapshot
+            if snapshot is None:
+                snapshot = cube.snapshot = cube.build()
+        return snapshot, loaded
+
+    def _evict(self) -> None:
+        total = sum(len(c.rows) for c in self._cubes.values())
+        while total > self.budget_rows and len(self._cubes) > 1:
+            cube_id, cube = self._cubes.popitem(last=False)
+            self._cold.add(cube_id)
+            total -= len(cube.rows)
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    norm = float(np.linalg.norm(vector))
+    return vector / norm if norm else vector
