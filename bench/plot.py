@@ -1,62 +1,79 @@
-"""One PNG of the latest results: search latency percentiles and LoCoMo recall@k per system."""
+"""One PNG of the latest results: search latency percentiles, LoCoMo recall@k, ingest rates."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
 
 from bench.report import RESULTS
 
 
-def load(name: str) -> dict | None:
+def load(name: str) -> dict[str, Any] | None:
     path = RESULTS / f"{name}.json"
     return json.loads(path.read_text())["results"] if path.exists() else None
 
 
+def search_panel(ax: Axes, search: dict[str, Any]) -> None:
+    labels: list[str] = []
+    bars: dict[str, list[float]] = {"p50": [], "p95": [], "p99": []}
+    for system in ("memstream", "mem0"):
+        for size, runs in search.get(system, {}).items():
+            if "skipped" in runs:
+                continue
+            for clients, n in (("one_client", 1), ("eight_clients", 8)):
+                labels.append(f"{system}\n{int(size) // 1000:,}k, {n}c")
+                for p in bars:
+                    bars[p].append(runs[clients][f"{p}_ms"])
+    width = 0.27
+    for k, (p, values) in enumerate(bars.items()):
+        ax.bar([i + (k - 1) * width for i in range(len(labels))], values, width, label=p)
+    ax.set_xticks(list(range(len(labels))), labels, fontsize=6)
+    ax.set_yscale("log")
+    ax.set_ylabel("search latency (ms, log scale)")
+    ax.set_title("search: memories in the store, concurrent clients")
+    ax.legend()
+
+
+def quality_panel(ax: Axes, quality: dict[str, Any]) -> None:
+    systems = quality["systems"]
+    metrics = ["recall_any@5", "recall_any@10", "recall_any@20",
+               "recall_all@5", "recall_all@10", "recall_all@20", "ndcg@10"]  # fmt: skip
+    width = 0.8 / len(systems)
+    for k, (system, groups) in enumerate(systems.items()):
+        values = [groups["overall"][m] for m in metrics]
+        ax.bar([i + k * width for i in range(len(metrics))], values, width, label=system)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(metrics))], metrics, fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_title("LoCoMo dev retrieval (evidence turns), overall")
+    ax.legend(fontsize=7)
+
+
+def ingest_panel(ax: Axes, ingest: dict[str, Any]) -> None:
+    rates = {"memstream": ingest["memstream"]["interactions_per_s"]}
+    if "mem0" in ingest:
+        rates["mem0\n(infer=False)"] = ingest["mem0"]["interactions_per_s"]
+    rates["ceiling:\nembedder"] = ingest["ceiling_embedder"]["interactions_per_s_equivalent"]
+    ax.bar(list(rates), list(rates.values()), color=["C0", "C1", "C7"][: len(rates)])
+    for i, value in enumerate(rates.values()):
+        ax.text(i, value, f"{value:,.0f}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("interactions / s")
+    ax.set_title(f"ingest: {ingest['interactions']:,} LoCoMo turns")
+
+
 def plot(out: Path = RESULTS / "summary.png") -> Path:
-    search, quality = load("search"), load("quality")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
-    if search:
-        labels, p50, p95, p99 = [], [], [], []
-        for size, runs in search.items():
-            for clients in ("one_client", "eight_clients"):
-                labels.append(f"{int(size):,}\n{'1' if clients == 'one_client' else '8'} client(s)")
-                p50.append(runs[clients]["p50_ms"])
-                p95.append(runs[clients]["p95_ms"])
-                p99.append(runs[clients]["p99_ms"])
-        if quality and "mem0" in quality.get("latency", {}):
-            for system in ("memstream", "mem0"):
-                lat = quality["latency"][system]["search"]
-                labels.append(f"LoCoMo\n{system}")
-                p50.append(lat["p50_ms"])
-                p95.append(lat["p95_ms"])
-                p99.append(lat["p99_ms"])
-        x = range(len(labels))
-        width = 0.27
-        left.bar([i - width for i in x], p50, width, label="p50")
-        left.bar(list(x), p95, width, label="p95")
-        left.bar([i + width for i in x], p99, width, label="p99")
-        left.set_xticks(list(x), labels, fontsize=7)
-        left.set_ylabel("search latency (ms)")
-        left.set_title("search latency by memories in the store")
-        left.legend()
-    if quality:
-        systems = quality["systems"]
-        metrics = ["recall_any@5", "recall_any@10", "recall_any@20",
-                   "recall_all@5", "recall_all@10", "recall_all@20", "ndcg@10"]  # fmt: skip
-        width = 0.8 / len(systems)
-        for k, (system, groups) in enumerate(systems.items()):
-            values = [groups["overall"][m] for m in metrics]
-            right.bar([i + k * width for i in range(len(metrics))], values, width, label=system)
-        right.set_xticks([i + 0.4 - width / 2 for i in range(len(metrics))], metrics, fontsize=7)
-        right.set_ylim(0, 1)
-        right.set_title("LoCoMo dev retrieval (evidence turns), overall")
-        right.legend()
+    panels = [(name, data) for name in ("search", "quality", "ingest") if (data := load(name))]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 4.8))
+    axes = axes if len(panels) > 1 else [axes]
+    draw = {"search": search_panel, "quality": quality_panel, "ingest": ingest_panel}
+    for ax, (name, data) in zip(axes, panels, strict=False):
+        draw[name](ax, data)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     return out

@@ -71,8 +71,8 @@ def load_embedder(kind: str = "torch", cache_dir: Path | None = None) -> Embedde
 
     ``torch``: sentence-transformers; ``onnx``: the same model on ONNX Runtime (same vectors);
     ``onnx-int8``: per-channel int8 weights, dynamically quantized activations (2x faster again,
-    cosine ~0.99 to fp32; the activation scale is computed per batch, so a text's vector, and a
-    fusion decision at the threshold, can depend on the batch it was embedded in).
+    cosine ~0.99 to fp32). The activation scale is computed per run, so each text runs alone:
+    its vector never depends on what it was embedded with, and replays stay exact.
     """
     if kind == "torch":
         return MiniLMEmbedder()
