@@ -34,7 +34,7 @@ from processors.extract import RuleExtractor
 from processors.fold import Memory
 from processors.ops import embedding_bytes
 from sinks.milvus import MilvusSink
-from sinks.stores import milvus_client
+from sinks.stores import milvus_view
 from streams import locomo
 from streams.search import Searcher
 from streams.settings import Settings
@@ -123,7 +123,7 @@ def run_memstream(sizes: tuple[int, ...], texts: list[str], vectors: np.ndarray,
     embedder = embedder_for(base)
     for size in sizes:
         settings = base.model_copy(update={"data_dir": Path(tempfile.mkdtemp(prefix="ms-search-"))})
-        sink = MilvusSink(milvus_client(settings))
+        sink = milvus_view(settings)
         searcher = Searcher(sink, embedder, budget_rows=max(size, base.search_budget_rows))
         started = time.perf_counter()
         with Progress(console=console) as progress:
@@ -149,7 +149,7 @@ def run_memstream(sizes: tuple[int, ...], texts: list[str], vectors: np.ndarray,
 
 
 def run(sizes: tuple[int, ...] = SIZES, queries: int = 400, peers: tuple[str, ...] = ("mem0",),
-        peer_budget_s: float = 150.0) -> dict[str, Any]:  # fmt: skip
+        peer_budget_s: float = 120.0) -> dict[str, Any]:  # fmt: skip
     console = Console()
     settings = Settings()
     texts = corpus()

@@ -17,7 +17,7 @@ from processors.fold import Memory
 from processors.ops import embedding_vector
 
 COLLECTION = "memories"
-FLUSH_EVERY = 1000
+FLUSH_EVERY = 10_000
 NO_TIME = -1
 OUTPUT_FIELDS = [
     "memory_id", "cube_id", "version", "text", "key", "tags", "created_at", "updated_at",
@@ -58,11 +58,19 @@ def row_fields(m: Memory) -> dict[str, Any]:
 
 
 class MilvusSink:
-    """Writes memory states to the collection and answers filtered vector searches."""
+    """Writes memory states to the collection; reads a cube's rows back (cold loads, listings).
 
-    def __init__(self, client: MilvusClient, collection: str = COLLECTION) -> None:
+    memstream's own searches run on the working set, not on an ANN index here; a Milvus server
+    still builds its AUTOINDEX for other readers of the view, while the embedded default asks
+    for FLAT (see :func:`sinks.stores.milvus_view`).
+    """
+
+    def __init__(
+        self, client: MilvusClient, collection: str = COLLECTION, vector_index: str = "AUTOINDEX"
+    ) -> None:
         self.client = client
         self.collection = collection
+        self.vector_index = vector_index
         self.unflushed = 0
         self._ensure()
 
@@ -86,7 +94,7 @@ class MilvusSink:
         schema.add_field("source_event_id", DataType.VARCHAR, max_length=64)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=DIM)
         index = self.client.prepare_index_params()
-        index.add_index("vector", index_type="AUTOINDEX", metric_type="COSINE")
+        index.add_index("vector", index_type=self.vector_index, metric_type="COSINE")
         self.client.create_collection(self.collection, schema=schema, index_params=index)
 
     def write(self, memories: Iterable[Memory]) -> tuple[int, int]:
@@ -104,8 +112,8 @@ class MilvusSink:
         return len(rows), len(gone)
 
     def flush(self) -> None:
-        """Seal the growing segment: milvus-lite scans unsealed rows one by one (a 10k-row
-        growing segment makes a filtered search ~30x slower than the same rows sealed)."""
+        """Seal the growing segment: milvus-lite scans unsealed rows one by one, so a cube read
+        back from the view (a cold load) slows down with every unflushed row."""
         self.client.flush(self.collection)
         self.unflushed = 0
 

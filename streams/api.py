@@ -223,6 +223,7 @@ def create_app(settings: Settings | None = None, worker: Worker | None = None) -
             "running": worker.running,
             "lag": lag,
             "counters": dict(worker.counters),
+            "working_set": worker.searcher.working_set.stats(),
             "failure": repr(worker.failure) if worker.failure else None,
         }
 

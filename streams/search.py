@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from threadpoolctl import threadpool_limits
+
 from processors.embedder import Embedder
 from processors.fold import Memory
 from sinks.milvus import MilvusSink, quote
@@ -67,6 +69,11 @@ class Searcher:
     ) -> None:
         self.milvus = milvus
         self.embedder = embedder
+        # A cube's matrix-vector product is memory-bound: OpenBLAS's thread pool only adds
+        # hand-offs (10k x 384: 5.9 ms pooled, 1.3 ms on one thread here), and concurrent searches
+        # each waking the pool oversubscribe the cores (8 clients: 115 ms against 1.8 ms). The
+        # limit is process-wide; the worker's other BLAS work (fusion's cosines) is the same kind.
+        threadpool_limits(limits=1, user_api="blas")
         self.working_set = WorkingSet(milvus.cube_rows, budget_rows)
         self._local = threading.local()
 

@@ -32,8 +32,7 @@ from processors.fusion import CubeMemories
 from processors.reader import MemReader, Sourced
 from schemas import Codec, DecodeError
 from sinks.clickhouse import ClickHouseSink
-from sinks.milvus import MilvusSink
-from sinks.stores import clickhouse_client, milvus_client, minio_client
+from sinks.stores import clickhouse_client, milvus_view, minio_client
 from sinks.vault import VaultSink
 from streams.consumer import Event, EventConsumer, InvalidEvent, dead_letter
 from streams.producer import EventProducer
@@ -96,7 +95,7 @@ class Worker:
             self.settings.merge_threshold,
         )
         self.producer = EventProducer(self.settings, self.codec)
-        self.milvus = MilvusSink(milvus_client(self.settings))
+        self.milvus = milvus_view(self.settings)
         self.clickhouse = ClickHouseSink(clickhouse_client(self.settings))
         self.vault = VaultSink(minio_client(self.settings), self.settings.minio_bucket)
         self.searcher = Searcher(self.milvus, self.embedder, self.settings.search_budget_rows)

@@ -102,33 +102,49 @@ def _top(candidates: np.ndarray, scores: np.ndarray, limit: int) -> list[tuple[i
 
 
 class _Cube:
-    """One resident cube: rows by memory id (the truth) and the snapshot built from them."""
+    """One resident cube: its rows and vectors by memory id, and the snapshot built from them.
 
-    def __init__(self, rows: Iterable[dict[str, Any]]) -> None:
-        self.rows: dict[str, dict[str, Any]] = {r["memory_id"]: r for r in rows}
+    ``version`` counts changes: a snapshot built from an older version is used once, not kept.
+    """
+
+    def __init__(self, rows: Iterable[dict[str, Any]] = ()) -> None:
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.vectors: dict[str, np.ndarray] = {}
+        for row in rows:
+            self.put({k: v for k, v in row.items() if k != "vector"}, row["vector"])
         self.snapshot: Snapshot | None = None
-        self.lock = threading.Lock()
+        self.version = 0
+        self.build_lock = threading.Lock()
 
-    def build(self) -> Snapshot:
-        ids = sorted(self.rows)
-        rows = [self.rows[i] for i in ids]
-        matrix = np.zeros((len(rows), DIM), dtype=np.float32)
-        for n, r in enumerate(rows):
-            matrix[n] = r["vector"]
-        bm25 = None
-        if rows:
-            corpus = [f"{r['text']} {' '.join(r.get('tags') or [])}" for r in rows]
-            bm25 = bm25s.BM25()
-            bm25.index(bm25s.tokenize(corpus, stopwords="en", show_progress=False),
-                       show_progress=False)  # fmt: skip
-        return Snapshot(
-            ids=ids,
-            rows=[{k: v for k, v in r.items() if k != "vector"} for r in rows],
-            matrix=matrix,
-            valid_from=np.array([r["valid_from"] for r in rows], dtype=np.int64),
-            valid_to=np.array([r["valid_to"] for r in rows], dtype=np.int64),
-            bm25=bm25,
-        )
+    def put(self, row: dict[str, Any], vector: np.ndarray) -> None:
+        self.rows[row["memory_id"]] = row
+        self.vectors[row["memory_id"]] = _unit(np.asarray(vector, dtype=np.float32))
+
+    def remove(self, memory_id: str) -> None:
+        self.rows.pop(memory_id, None)
+        self.vectors.pop(memory_id, None)
+
+
+def _build(rows: dict[str, dict[str, Any]], vectors: dict[str, np.ndarray]) -> Snapshot:
+    ids = sorted(rows)
+    ordered = [rows[i] for i in ids]
+    matrix = np.zeros((len(ids), DIM), dtype=np.float32)
+    for n, memory_id in enumerate(ids):
+        matrix[n] = vectors[memory_id]
+    bm25 = None
+    if ordered:
+        corpus = [f"{r['text']} {' '.join(r.get('tags') or [])}" for r in ordered]
+        bm25 = bm25s.BM25()
+        bm25.index(bm25s.tokenize(corpus, stopwords="en", show_progress=False),
+                   show_progress=False)  # fmt: skip
+    return Snapshot(
+        ids=ids,
+        rows=ordered,
+        matrix=matrix,
+        valid_from=np.array([r["valid_from"] for r in ordered], dtype=np.int64),
+        valid_to=np.array([r["valid_to"] for r in ordered], dtype=np.int64),
+        bm25=bm25,
+    )
 
 
 class WorkingSet:
@@ -144,10 +160,12 @@ class WorkingSet:
         self._lock = threading.Lock()
         self.loads = 0
 
-    @property
-    def resident_rows(self) -> int:
+    def stats(self) -> dict[str, int]:
+        """Resident cubes and memories, the budget, and cubes read from the store so far."""
         with self._lock:
-            return sum(len(c.rows) for c in self._cubes.values())
+            rows = sum(len(c.rows) for c in self._cubes.values())
+            return {"cubes": len(self._cubes), "memories": rows,
+                    "budget": self.budget_rows, "loads": self.loads}  # fmt: skip
 
     def resident(self, cube_id: str) -> bool:
         with self._lock:
@@ -170,14 +188,14 @@ class WorkingSet:
                 if cube is None:
                     if cube_id in self._cold or cube_id in self._loading:
                         continue  # the store has it; a load in flight reads it again
-                    cube = self._cubes[cube_id] = _Cube(())
+                    cube = self._cubes[cube_id] = _Cube()
                 for m in memories:
                     if m.searchable:
-                        cube.rows[m.memory_id] = {**row_fields(m), "vector": _unit(
-                            embedding_vector(m.embedding))}  # fmt: skip
+                        cube.put(row_fields(m), embedding_vector(m.embedding))
                     else:
-                        cube.rows.pop(m.memory_id, None)
+                        cube.remove(m.memory_id)
                 cube.snapshot = None
+                cube.version += 1
             self._evict()
 
     def snapshot(self, cube_id: str) -> tuple[Snapshot, bool]:
@@ -191,8 +209,7 @@ class WorkingSet:
                     break
                 seen = self._changes.get(cube_id, 0)
                 self._loading.add(cube_id)
-            rows = [{**r, "vector": _unit(np.asarray(r["vector"], dtype=np.float32))}
-                    for r in self._loader(cube_id)]  # fmt: skip
+            rows = self._loader(cube_id)
             loaded = True
             with self._lock:
                 self.loads += 1
@@ -203,10 +220,16 @@ class WorkingSet:
                 self._cold.discard(cube_id)
                 self._evict()
                 break
-        with cube.lock:
-            snapshot = cube.snapshot
+        with cube.build_lock:  # one build per cube at a time; the follower never waits on it
+            with self._lock:
+                snapshot, version = cube.snapshot, cube.version
+                if snapshot is None:
+                    rows, vectors = dict(cube.rows), dict(cube.vectors)
             if snapshot is None:
-                snapshot = cube.snapshot = cube.build()
+                snapshot = _build(rows, vectors)
+                with self._lock:
+                    if cube.version == version:
+                        cube.snapshot = snapshot
         return snapshot, loaded
 
     def _evict(self) -> None:

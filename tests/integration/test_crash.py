@@ -112,6 +112,14 @@ def test_kill_9_mid_ingest_loses_and_doubles_nothing(settings: Settings, tmp_pat
     for row in versions:
         assert row["versions"] == list(range(1, len(row["versions"]) + 1)), row
 
+    # Search after the restart answers from the working set rebuilt from the log, in full.
+    working_set = worker.client.status()["working_set"]
+    assert working_set["memories"] == sum(len(ids) for ids in expected.values())
+    assert working_set["loads"] == 0
+    cube, ids = next(iter(expected.items()))
+    hits = worker.client.search(cube, "what happened", top_k=10, include_history=True)["hits"]
+    assert hits and {h["memory_id"] for h in hits} <= ids
+
     on_topic = ops_on_topic(worker.settings)
     assert len(on_topic) == len(set(on_topic)), "an op was published twice"
     counts = worker.client.audit(

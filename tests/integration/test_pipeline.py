@@ -165,7 +165,9 @@ def test_every_search_is_audited(worker: ServeProcess) -> None:
     worker.client.publish(cube, [turn("I started learning the violin in March.")])
     worker.client.wait_drained()
     response = worker.client.search(cube, "violin", top_k=3)
-    assert {"embed_ms", "dense_ms", "keyword_ms", "total_ms"} <= set(response["timing_ms"])
+    assert {"embed_ms", "snapshot_ms", "dense_ms", "keyword_ms", "total_ms"} <= set(
+        response["timing_ms"]
+    )
     query_id = response["query_id"]
     for _ in range(60):
         rows = worker.client.audit(

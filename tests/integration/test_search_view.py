@@ -17,7 +17,7 @@ import pytest
 from processors.fold import Memory
 from processors.ops import embedding_bytes
 from sinks.milvus import MilvusSink
-from sinks.stores import milvus_client
+from sinks.stores import milvus_view
 from streams.search import Searcher, build_filter
 from streams.settings import Settings
 from streams.worker import embedder_for
@@ -61,7 +61,7 @@ def memories(embedder, cube: str, count: int) -> list[Memory]:  # type: ignore[n
 
 def view(tmp_path: Path) -> MilvusSink:
     settings = Settings().model_copy(update={"data_dir": tmp_path, "milvus_uri": None})
-    return MilvusSink(milvus_client(settings))
+    return milvus_view(settings)
 
 
 def ranked(searcher: Searcher, cube: str, query: str, **filters) -> list[str]:  # type: ignore[no-untyped-def]
