@@ -101,8 +101,11 @@ def serve(
 
 @app.command()
 def bench(
-    name: Annotated[str, typer.Argument(help="ingest, search or quality.")],
-    interactions: Annotated[int, typer.Option(help="ingest: interactions to ingest.")] = 20_000,
+    name: Annotated[str, typer.Argument(help="ingest, search, quality or profile.")],
+    interactions: Annotated[
+        int | None,
+        typer.Option(help="ingest / profile: interactions to ingest (20,000 / 5,000)."),
+    ] = None,
     sizes: Annotated[
         list[int] | None, typer.Option("--size", help="search: memories in the store (repeat).")
     ] = None,
@@ -116,7 +119,7 @@ def bench(
     if name == "ingest":
         from bench import ingest
 
-        ingest.run(n=interactions, peers=() if no_peer else ("mem0",))
+        ingest.run(n=interactions or 20_000, peers=() if no_peer else ("mem0",))
     elif name == "search":
         from bench import search
 
@@ -125,8 +128,12 @@ def bench(
         from bench import quality
 
         quality.run(data, run_out, peers=() if no_peer else ("mem0",))
+    elif name == "profile":
+        from bench import profile
+
+        profile.run(n=interactions or 5_000)
     else:
-        raise _fail(f"unknown benchmark {name!r} (known: ingest, search, quality)")
+        raise _fail(f"unknown benchmark {name!r} (known: ingest, search, quality, profile)")
 
 
 @app.command()

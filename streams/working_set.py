@@ -230,6 +230,9 @@ class WorkingSet:
                 with self._lock:
                     if cube.version == version:
                         cube.snapshot = snapshot
+                        # Each vector becomes a view of the matrix: one copy of them is kept.
+                        for n, memory_id in enumerate(snapshot.ids):
+                            cube.vectors[memory_id] = snapshot.matrix[n]
         return snapshot, loaded
 
     def _evict(self) -> None:

@@ -27,3 +27,20 @@ def test_ndcg_at_10() -> None:
 
 def test_dedupe_keeps_first_rank() -> None:
     assert dedupe(["D1:1", "D1:2", "D1:1", "", "D1:3"]) == ["D1:1", "D1:2", "D1:3"]
+
+
+def test_profile_charges_each_sample_to_its_innermost_component(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from bench.profile import shares
+
+    raw = tmp_path / "raw.txt"
+    raw.write_text(
+        "run (worker.py:10);encode (onnx_embedder.py:5);run (onnxruntime/session.py:1) 6\n"
+        "run (worker.py:10);write (milvus.py:3);upsert (pymilvus/client.py:9) 3\n"
+        "run (worker.py:10);_follow_ops (worker.py:40) 1\n"
+        "garbage line without a count\n"
+    )
+    assert shares(raw) == {
+        "embedder: ONNX Runtime inference": 0.6,
+        "milvus-lite (+ pymilvus, gRPC)": 0.3,
+        "worker loop": 0.1,
+    }
