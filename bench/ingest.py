@@ -21,6 +21,7 @@ import statistics
 import tempfile
 import time
 import uuid
+import zlib
 from itertools import cycle, islice
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ def workload(n: int, cubes: int) -> list[Interaction]:
     out = []
     for index, t in enumerate(islice(cycle(turns), n)):
         out.append(t.model_copy(update={
-            "cube_id": f"bench-{index // len(turns)}-{hash(t.session_id) % cubes}",
+            "cube_id": f"bench-{index // len(turns)}-{zlib.crc32(t.session_id.encode()) % cubes}",
             "event_id": str(uuid.uuid4()),
         }))  # fmt: skip
     return out
@@ -112,7 +113,9 @@ def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300,
             sent = time.perf_counter()
             client.publish(cube, [{"content": f"My locker code word is {token} for the gym.",
                                    "speaker": "Probe"}])  # fmt: skip
-            while not any(token in h["text"] for h in client.search(cube, token, 3)["hits"]):
+            while not any(token in h["text"] for h in client.search(cube, token, 100)["hits"]):
+                if time.perf_counter() - sent > 60:
+                    raise TimeoutError(f"probe {token} not searchable after 60 s")
                 time.sleep(0.01)
             latencies.append((time.perf_counter() - sent) * 1e3)
             del probe

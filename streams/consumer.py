@@ -93,16 +93,17 @@ class EventConsumer:
         events = self.poll_batch(1, timeout)
         return events[0] if events else None
 
-    def poll_batch(self, max_events: int, timeout: float = 1.0) -> list[Event]:
-        """Up to ``max_events`` valid events: as many as are ready, waiting at most ``timeout``
-        seconds for the first. The events returned before are marked done."""
+    def poll_batch(self, max_events: int, timeout: float = 1.0, linger: float = 0.0) -> list[Event]:
+        """Up to ``max_events`` valid events, waiting at most ``timeout`` seconds for the first
+        and then up to ``linger`` seconds for more (a sink whose every write has a fixed cost
+        lingers to write fewer, larger batches). The events returned before are marked done."""
         self._mark_done()
         events: list[Event] = []
         first = self._consumer.poll(timeout)
         if first is None:
             return events
-        # The first message ends the wait; the rest of the batch is whatever is ready now.
-        for msg in [first, *self._consumer.consume(max_events - 1, 0)]:
+        # The first message ends the wait; the rest is what is ready, or arrives within linger.
+        for msg in [first, *self._consumer.consume(max_events - 1, linger)]:
             if msg.error() is not None:
                 if msg.error().code() == KafkaError._PARTITION_EOF:
                     continue

@@ -288,7 +288,9 @@ class Worker:
         )
         try:
             while not self._stop.is_set():
-                batch = consumer.poll_batch(500, 0.2)
+                # A chdb insert costs milliseconds whatever its size: per-search inserts were the
+                # worker's largest CPU share under search load (py-spy, bench profile).
+                batch = consumer.poll_batch(1000, 0.2, linger=1.0)
                 if batch:
                     with self._store_lock:
                         self.clickhouse.write_queries(batch)

@@ -130,11 +130,13 @@ def ingest(job: dict[str, Any]) -> dict[str, Any]:
         sent = time.perf_counter()
         memory.add(f"Probe: My locker code word is {token} for the gym.", user_id="bench-probe",
                    infer=False)  # fmt: skip
-        while True:
-            found = memory.search(token, filters={"user_id": "bench-probe"}, top_k=3)
+        while True:  # top_k above the probe count: found as soon as it is searchable
+            found = memory.search(token, filters={"user_id": "bench-probe"}, top_k=100)
             hits = found["results"] if isinstance(found, dict) else found
             if any(token in h["memory"] for h in hits):
                 break
+            if time.perf_counter() - sent > 60:
+                raise TimeoutError(f"probe {token} not searchable after 60 s")
         to_searchable.append((time.perf_counter() - sent) * 1e3)
     return {"total_s": total_s, "add_ms": add_ms, "to_searchable_ms": to_searchable}
 
