@@ -28,13 +28,13 @@ def search_panel(ax: Axes, search: dict[str, Any]) -> None:
             if "skipped" in runs:
                 continue
             for clients, n in (("one_client", 1), ("eight_clients", 8)):
-                labels.append(f"{system}\n{int(size) // 1000:,}k, {n}c")
+                labels.append(f"{system} {int(size) // 1000:,}k, {n} client{'s' * (n > 1)}")
                 for p in bars:
                     bars[p].append(runs[clients][f"{p}_ms"])
     width = 0.27
     for k, (p, values) in enumerate(bars.items()):
         ax.bar([i + (k - 1) * width for i in range(len(labels))], values, width, label=p)
-    ax.set_xticks(list(range(len(labels))), labels, fontsize=6)
+    ax.set_xticks(list(range(len(labels))), labels, fontsize=6, rotation=45, ha="right")
     ax.set_yscale("log")
     ax.set_ylabel("search latency (ms, log scale)")
     ax.set_title("search: memories in the store, concurrent clients")
@@ -49,22 +49,28 @@ def quality_panel(ax: Axes, quality: dict[str, Any]) -> None:
     for k, (system, groups) in enumerate(systems.items()):
         values = [groups["overall"][m] for m in metrics]
         ax.bar([i + k * width for i in range(len(metrics))], values, width, label=system)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(metrics))], metrics, fontsize=7)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(metrics))], metrics, fontsize=7,
+                  rotation=30, ha="right")  # fmt: skip
     ax.set_ylim(0, 1)
     ax.set_title("LoCoMo dev retrieval (evidence turns), overall")
     ax.legend(fontsize=7)
 
 
 def ingest_panel(ax: Axes, ingest: dict[str, Any]) -> None:
-    rates = {"memstream": ingest["memstream"]["interactions_per_s"]}
-    if "mem0" in ingest:
-        rates["mem0\n(infer=False)"] = ingest["mem0"]["interactions_per_s"]
-    rates["ceiling:\nembedder"] = ingest["ceiling_embedder"]["interactions_per_s_equivalent"]
-    ax.bar(list(rates), list(rates.values()), color=["C0", "C1", "C7"][: len(rates)])
-    for i, value in enumerate(rates.values()):
-        ax.text(i, value, f"{value:,.0f}", ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("interactions / s")
-    ax.set_title(f"ingest: {ingest['interactions']:,} LoCoMo turns")
+    systems = [s for s in ("memstream", "mem0") if s in ingest]
+    ceiling = ingest["ceiling_embedder"]["interactions_per_s_equivalent"]
+    width = 0.8 / (len(systems) + 1)
+    for k, system in enumerate(systems):
+        values = [ingest[system]["interactions_per_s"], ingest[system]["memories_per_s"]]
+        xs = [i + k * width for i in range(2)]
+        ax.bar(xs, values, width, label=system)
+        for x, value in zip(xs, values, strict=True):
+            ax.text(x, value, f"{value:,.0f}", ha="center", va="bottom", fontsize=8)
+    ax.bar([len(systems) * width], [ceiling], width, color="C7", label="ceiling: embedder alone")
+    ax.set_xticks([i + width * (len(systems) - 1) / 2 for i in range(2)],
+                  ["interactions / s", "memories / s"])  # fmt: skip
+    ax.set_title(f"ingest: {ingest['interactions']:,} LoCoMo turns, end to end")
+    ax.legend(fontsize=7)
 
 
 def plot(out: Path = RESULTS / "summary.png") -> Path:
