@@ -1,14 +1,15 @@
 """The search working set: each hot cube's memories, vectors and BM25 index in process memory.
 
 Every search is scoped to one cube, but an embedded vector store filters by scanning all rows:
-milvus-lite answers a cube-filtered search in ~60 ms at 100k memories and ~1.3 s at 1M, because
-the cost grows with the whole collection, not with the cube. A cube is a tenant's memory (tens
-of thousands of items, rarely more), so exact cosine over the cube's own matrix costs well under
-a millisecond and ranks exactly (no ANN recall loss). The worker keeps the working set current
-from the same memory states it writes to Milvus (:meth:`WorkingSet.apply`), so a memory is
-searchable the moment its op is folded; a cube that is not resident (a process that does not
-follow the log, or one evicted by the row budget) is loaded from Milvus, the store of record, on
-its first search. The budget bounds memory: least recently searched cubes leave first.
+milvus-lite answered a cube-filtered search in ~60 ms at 100k memories and ~260 ms at 200k, and
+took over a second at 1M: the cost grows with the whole collection, not with the cube. A cube is
+a tenant's memory (tens of thousands of items, rarely more), so exact cosine over the cube's own
+matrix costs a millisecond or two and ranks exactly (no ANN recall loss). The worker keeps the
+working set current from the same memory states it writes to Milvus (:meth:`WorkingSet.apply`),
+so a memory is searchable the moment its op is folded; a cube that is not resident (a process
+that does not follow the log, or one evicted by the row budget) is loaded from Milvus, the store
+of record, on its first search. The budget bounds memory: least recently searched cubes leave
+first.
 """
 
 from __future__ import annotations
