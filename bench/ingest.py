@@ -17,7 +17,6 @@ publishes N LoCoMo turns spread over cubes as fast as the producer goes, and mea
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 import uuid
@@ -29,7 +28,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import Progress
 
-from bench.report import percentiles, write
+from bench.report import latency_summary, percentiles, timing_split, write
 from processors.extract import RuleExtractor
 from streams import locomo
 from streams.consumer import EventConsumer
@@ -122,14 +121,13 @@ def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300,
 
         questions = [qa["question"] for s in locomo.load() for qa in s.qa][:queries]
         cube_ids = sorted({i.cube_id for i in interactions})
-        search_ms, parts = [], {"embed_ms": [], "snapshot_ms": [], "dense_ms": [], "keyword_ms": []}
+        search_ms, timings = [], []
         t0 = time.perf_counter()
         for q, cube in zip(questions, cycle(cube_ids), strict=False):
             s = time.perf_counter()
             response = client.search(cube, q, 10)
             search_ms.append((time.perf_counter() - s) * 1e3)
-            for key in parts:
-                parts[key].append(response["timing_ms"][key])
+            timings.append(response["timing_ms"])
         search_wall = time.perf_counter() - t0
 
         texts = [
@@ -144,7 +142,6 @@ def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300,
         embed_s = time.perf_counter() - e0
         items_per_interaction = len(texts) / 2000
         kafka = kafka_ceiling(worker.settings, interactions)
-        median = {key: statistics.median(values) for key, values in parts.items()}
         results: dict[str, Any] = {
             "interactions": n,
             "cubes": len(cube_ids),
@@ -157,12 +154,8 @@ def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300,
                 "memories_per_s": round(counters["ops_emitted"] / ingest_s, 1),
                 "event_to_searchable": percentiles(latencies),
                 "search_single_client": {
-                    **percentiles(search_ms),
-                    "qps": round(len(search_ms) / search_wall, 1),
-                    "embed_ms_median": round(median["embed_ms"], 2),
-                    "store_ms_median": round(
-                        median["snapshot_ms"] + median["dense_ms"] + median["keyword_ms"], 2
-                    ),
+                    **latency_summary(search_ms, search_wall),
+                    **timing_split(timings),
                 },
             },
             "ceiling_kafka": kafka,

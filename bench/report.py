@@ -28,6 +28,26 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
     }
 
 
+def latency_summary(samples_ms: list[float], wall_s: float) -> dict[str, float]:
+    """Percentiles of a timed run and its throughput (requests per wall-clock second)."""
+    return {**percentiles(samples_ms), "qps": round(len(samples_ms) / wall_s, 1)}
+
+
+def timing_split(timings: list[dict[str, float]]) -> dict[str, float]:
+    """Median time per search part (the Searcher's ``last_timing`` / the API's ``timing_ms``):
+    query embedding against the store (snapshot, exact cosine, BM25), and the embedding share."""
+    part = {k: float(np.median([t[k] for t in timings])) for k in
+            ("embed_ms", "snapshot_ms", "dense_ms", "keyword_ms")}  # fmt: skip
+    store = part["snapshot_ms"] + part["dense_ms"] + part["keyword_ms"]
+    return {
+        "embed_ms_median": round(part["embed_ms"], 2),
+        "store_ms_median": round(store, 2),
+        "dense_ms_median": round(part["dense_ms"], 2),
+        "bm25_ms_median": round(part["keyword_ms"], 2),
+        "embed_share": round(part["embed_ms"] / max(part["embed_ms"] + store, 1e-9), 3),
+    }
+
+
 def write(
     name: str,
     results: dict[str, Any],

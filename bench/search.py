@@ -17,7 +17,6 @@ same questions; a size whose fill would overrun the peer's time budget is report
 from __future__ import annotations
 
 import resource
-import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +28,8 @@ import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 
-from bench.report import percentiles, write
+from bench import synthetic
+from bench.report import latency_summary, percentiles, timing_split, write
 from processors.extract import RuleExtractor
 from processors.fold import Memory
 from processors.ops import embedding_bytes
@@ -54,22 +54,20 @@ def corpus(limit: int = PER_CUBE) -> list[str]:
     return (texts * (limit // len(texts) + 1))[:limit]
 
 
-def fill(sink: MilvusSink, searcher: Searcher, texts: list[str], vectors: np.ndarray,
+def fill(sink: MilvusSink, searcher: Searcher, texts: list[str], base: np.ndarray,
          total: int, progress: Progress) -> None:  # fmt: skip
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng(synthetic.SEED)
     task = progress.add_task(f"writing {total:,} memories", total=total)
     for start in range(0, total, 5000):
-        states = []
-        for i in range(start, min(total, start + 5000)):
-            base = vectors[i % len(vectors)]
-            if i >= len(vectors):
-                base = base + rng.normal(0, 0.05, base.shape).astype(np.float32)
-                base /= np.linalg.norm(base)
-            states.append(Memory(
+        stop = min(total, start + 5000)
+        states = [
+            Memory(
                 memory_id=f"m{i}", cube_id=f"cube-{i // PER_CUBE}", memory_type="PLAINTEXT",
                 version=1, status="active", created_at=T0, updated_at=T0,
-                text=texts[i % len(texts)], embedding=embedding_bytes(base), valid_from=T0,
-            ))  # fmt: skip
+                text=texts[i % len(texts)], embedding=embedding_bytes(vector), valid_from=T0,
+            )
+            for i, vector in enumerate(synthetic.vectors(base, start, stop, rng), start)
+        ]  # fmt: skip
         sink.write(states)
         searcher.apply(states)
         progress.advance(task, len(states))
@@ -87,16 +85,9 @@ def measure(searcher: Searcher, questions: list[str], cubes: int, clients: int,
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(one, range(n)))
     wall = time.perf_counter() - started
-    part = {k: statistics.median(r[1][k] for r in results) for k in results[0][1]}
-    store = part["snapshot_ms"] + part["dense_ms"] + part["keyword_ms"]
     return {
-        **percentiles([r[0] for r in results]),
-        "qps": round(len(results) / wall, 1),
-        "embed_ms_median": round(part["embed_ms"], 2),
-        "store_ms_median": round(store, 2),
-        "dense_ms_median": round(part["dense_ms"], 2),
-        "bm25_ms_median": round(part["keyword_ms"], 2),
-        "embed_share": round(part["embed_ms"] / max(part["embed_ms"] + store, 1e-9), 3),
+        **latency_summary([r[0] for r in results], wall),
+        **timing_split([r[1] for r in results]),
     }
 
 

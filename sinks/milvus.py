@@ -8,6 +8,7 @@ active (merged, archived, expired, deleted) leave the collection; the vault keep
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from typing import Any
 
 from pymilvus import DataType, MilvusClient
@@ -33,7 +34,8 @@ def quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _ms(value: Any) -> int:
+def epoch_ms(value: datetime | None) -> int:
+    """A time as the view stores it: epoch milliseconds, ``NO_TIME`` for none."""
     return int(value.timestamp() * 1000) if value is not None else NO_TIME
 
 
@@ -47,10 +49,10 @@ def row_fields(m: Memory) -> dict[str, Any]:
         "text": m.text,
         "key": m.key or "",
         "tags": [t[:128] for t in m.tags[:64]],
-        "created_at": _ms(m.created_at),
-        "updated_at": _ms(m.updated_at),
-        "valid_from": _ms(m.valid_from),
-        "valid_to": _ms(m.valid_to),
+        "created_at": epoch_ms(m.created_at),
+        "updated_at": epoch_ms(m.updated_at),
+        "valid_from": epoch_ms(m.valid_from),
+        "valid_to": epoch_ms(m.valid_to),
         "session_id": source.get("session_id") or "",
         "turn_id": source.get("turn_id") or "",
         "source_event_id": source.get("event_id") or "",
@@ -121,7 +123,7 @@ class MilvusSink:
     def _row(m: Memory) -> dict[str, Any]:
         return {**row_fields(m), "vector": embedding_vector(m.embedding).tolist()}
 
-    def rows(self, filter_expr: str, limit: int = 16384) -> list[dict[str, Any]]:
+    def rows(self, filter_expr: str, limit: int = PAGE) -> list[dict[str, Any]]:
         return self.client.query(
             self.collection, filter=filter_expr, output_fields=OUTPUT_FIELDS, limit=limit
         )

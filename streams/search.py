@@ -19,7 +19,7 @@ from threadpoolctl import threadpool_limits
 
 from processors.embedder import Embedder
 from processors.fold import Memory
-from sinks.milvus import MilvusSink, quote
+from sinks.milvus import MilvusSink, epoch_ms, quote
 from streams.working_set import WorkingSet
 
 RRF_K = 60
@@ -37,10 +37,6 @@ class Result:
     row: dict[str, Any] = field(repr=False)
 
 
-def _ms(value: datetime) -> int:
-    return int(value.timestamp() * 1000)
-
-
 def build_filter(
     cube_id: str,
     since: datetime | None = None,
@@ -53,9 +49,9 @@ def build_filter(
     if not include_history:
         parts.append("valid_to == -1")
     if since is not None:
-        parts.append(f"valid_from >= {_ms(since)}")
+        parts.append(f"valid_from >= {epoch_ms(since)}")
     if until is not None:
-        parts.append(f"valid_from <= {_ms(until)}")
+        parts.append(f"valid_from <= {epoch_ms(until)}")
     if tags:
         parts.append(f"array_contains_any(tags, [{', '.join(quote(t.lower()) for t in tags)}])")
     return " and ".join(parts)

@@ -182,10 +182,12 @@ class Worker:
                     folded[event.value["memory_id"]] = None
                     if msg.offset() >= committed[msg.partition()]:
                         to_write.append(event)
+                # Every folded state goes to the working set, replayed ones too (it is built
+                # from the fold); the stores get those of ops not yet written.
+                states = self._states(folded)
                 if to_write:
-                    self._write_views(to_write)
-                # Every folded state, replayed ones too: the working set is built from the fold.
-                self.searcher.apply(self._states(folded))
+                    self._write_views(to_write, states)
+                self.searcher.apply(states)
                 # The fetch position, unlike last offset + 1, steps over transaction markers.
                 position = {tp.partition: tp.offset for tp in consumer.position(tps)}
                 advanced = [TopicPartition(topic, p, o) for p, o in position.items()
@@ -215,14 +217,15 @@ class Worker:
                      decoded.writer_version, decoded.record, msg.timestamp()[1])  # fmt: skip
 
     def _flush_views(self) -> None:
-        """When the log goes quiet, seal what Milvus holds in memory (searches stay fast)."""
+        """When the log goes quiet, seal what Milvus holds in memory (cold loads stay fast)."""
         if self.milvus.unflushed:
             with self._store_lock:
                 self.milvus.flush()
 
-    def _write_views(self, events: list[Event]) -> None:
+    def _write_views(self, events: list[Event], folded: list[Memory]) -> None:
         """Write the latest state of every memory the ops touched, and the ops themselves."""
-        states = self._states(e.value["memory_id"] for e in events)
+        touched = {e.value["memory_id"] for e in events}
+        states = [m for m in folded if m.memory_id in touched]
         with self._store_lock:
             self.milvus.write(states)
             self.vault.write(states)
@@ -230,7 +233,7 @@ class Worker:
         self.counters["ops_written"] += len(events)
 
     def _states(self, memory_ids: Iterable[str]) -> list[Memory]:
-        return [m for mid in dict.fromkeys(memory_ids) if (m := self.memories.get(mid)) is not None]
+        return [m for mid in memory_ids if (m := self.memories.get(mid)) is not None]
 
     # reader ----------------------------------------------------------------------------------
 

