@@ -1,4 +1,7 @@
 # Image for memstream processes in production (see infra/compose.yaml).
+# Every top-level package pyproject.toml installs must be copied here, with the files the build
+# reads (README.md, the package data): tests/test_packaging.py checks this against pyproject.
+# .dockerignore keeps the virtualenv, local service data and benchmark results out of the context.
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
@@ -7,6 +10,7 @@ COPY streams streams
 COPY processors processors
 COPY sinks sinks
 COPY infra infra
+COPY bench bench
 RUN pip install --no-cache-dir -c infra/constraints.txt ".[ml]"
 ENTRYPOINT []
 CMD ["memstream", "--help"]

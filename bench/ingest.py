@@ -30,14 +30,14 @@ from rich.progress import Progress
 
 from bench.report import latency_summary, percentiles, timing_split, write
 from processors.extract import RuleExtractor
-from streams import locomo
-from streams.consumer import EventConsumer
-from streams.events import Interaction
-from streams.local import ServeProcess
-from streams.producer import EventProducer
+from streams.pipeline.build import embedder_for
+from streams.sdk import locomo
+from streams.sdk.local import ServeProcess
 from streams.settings import Settings
-from streams.topics import INTERACTIONS, ensure_topics
-from streams.worker import embedder_for
+from streams.transport.consumer import EventConsumer
+from streams.transport.events import Interaction
+from streams.transport.producer import EventProducer
+from streams.transport.topics import INTERACTIONS, ensure_topics
 
 
 def workload(n: int, cubes: int) -> list[Interaction]:
@@ -73,12 +73,40 @@ def kafka_ceiling(settings: Settings, interactions: list[Interaction]) -> dict[s
     }
 
 
+def start_workers(base: Settings, data: Path, readers: int) -> list[ServeProcess]:
+    """One ``all`` process, or one ``views`` process and ``readers`` reader processes sharing
+    the partitions (scale-out on one machine: the embedder is what they split)."""
+    if readers <= 1:
+        return [ServeProcess(base, data).start()]
+    prefix = f"run-{uuid.uuid4().hex[:8]}."
+    views = ServeProcess(base, data / "views", prefix=prefix, role="views", worker_id="views")
+    workers = [views] + [
+        ServeProcess(base, data / f"reader-{i}", prefix=prefix, role="reader", worker_id=str(i))
+        for i in range(readers)
+    ]
+    for worker in workers:
+        worker.start()
+    return workers
+
+
+def reader_counters(workers: list[ServeProcess]) -> dict[str, int]:
+    """The writer's counters summed over every process that runs a reader."""
+    total: dict[str, int] = {"interactions": 0, "ops_emitted": 0}
+    for worker in workers:
+        reader = worker.client.status()["processors"].get("reader")
+        if reader is not None:
+            for key in total:
+                total[key] += reader["stats"].get(key, 0)
+    return total
+
+
 def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300,
-        peers: tuple[str, ...] = ("mem0",)) -> dict[str, Any]:  # fmt: skip
+        peers: tuple[str, ...] = ("mem0",), readers: int = 1) -> dict[str, Any]:  # fmt: skip
     console = Console()
     base = Settings()
     data = Path(tempfile.mkdtemp(prefix="memstream-bench-"))
-    worker = ServeProcess(base, data).start()
+    workers = start_workers(base, data, readers)
+    worker = workers[0]
     client = worker.client
     try:
         interactions = workload(n, cubes)
@@ -93,14 +121,14 @@ def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300,
             task = progress.add_task("ingesting", total=n)
             while True:
                 status = client.status()
-                progress.update(task, completed=status["counters"]["interactions"])
+                progress.update(task, completed=reader_counters(workers)["interactions"])
                 if status["failure"]:
                     raise RuntimeError(status["failure"])
                 if status["caught_up"] and not any(status["lag"].values()):
                     break
                 time.sleep(0.2)
         ingest_s = time.perf_counter() - started
-        counters = client.status()["counters"]
+        counters = reader_counters(workers)
         memory_count = sum(
             len(client.memories(c, 16384)) for c in {i.cube_id for i in interactions}
         )
@@ -144,6 +172,7 @@ def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300,
         kafka = kafka_ceiling(worker.settings, interactions)
         results: dict[str, Any] = {
             "interactions": n,
+            "reader_processes": readers,
             "cubes": len(cube_ids),
             "memstream": {
                 "memories_in_view": memory_count,
@@ -168,9 +197,11 @@ def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300,
                 ),
             },
         }
-        write("ingest", results, console, side_by_side=("memstream", "mem0"))
+        write(f"ingest{'' if readers <= 1 else f'-readers{readers}'}", results, console,
+              side_by_side=("memstream", "mem0"))  # fmt: skip
     finally:
-        worker.stop()
+        for w in workers:
+            w.stop()
     if "mem0" in peers:
         results["mem0"] = peer_ingest(interactions, probes, base)
         write("ingest", results, console, side_by_side=("memstream", "mem0"))

@@ -23,10 +23,10 @@ from rich.console import Console
 
 from bench.ingest import workload
 from bench.report import write
-from streams import locomo
-from streams.local import ServeProcess
-from streams.producer import EventProducer
+from streams.sdk import locomo
+from streams.sdk.local import ServeProcess
 from streams.settings import Settings
+from streams.transport.producer import EventProducer
 
 # (component, substrings of a frame "function (file:line)"), tried from the innermost frame out.
 COMPONENTS = [

@@ -26,10 +26,10 @@ from rich.progress import Progress
 from rich.table import Table
 
 from bench.report import percentiles, write
-from streams import locomo
-from streams.local import ServeProcess
+from streams.pipeline.build import embedder_for
+from streams.sdk import locomo
+from streams.sdk.local import ServeProcess
 from streams.settings import Settings
-from streams.worker import embedder_for
 
 KS = (5, 10, 20)
 Ranker = dict[str, list[str]]

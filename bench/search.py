@@ -5,7 +5,7 @@ record) and into the searcher's working set (``Searcher.apply``); the pipeline's
 measured by ``bench ingest``. The first 10k are real LoCoMo memory texts with their real MiniLM
 vectors, the rest the same texts with perturbed copies of their vectors (synthetic, unit length).
 Memories are spread over cubes of 10k each, as tenants would be; every query is a LoCoMo
-question searched in one cube through the same :class:`~streams.search.Searcher` the API uses
+question searched in one cube through the same :class:`~streams.query.search.Searcher` the API uses
 (query embedding, exact cosine and BM25 over the cube, fused by RRF). Each cube is searched once
 before the timing (its snapshot built); a cube read back from Milvus (not resident: after an
 eviction or a restart of a process that does not follow the log) is timed on its own.
@@ -35,10 +35,10 @@ from processors.fold import Memory
 from processors.ops import embedding_bytes
 from sinks.milvus import MilvusSink
 from sinks.stores import milvus_view
-from streams import locomo
-from streams.search import Searcher
+from streams.pipeline.build import embedder_for
+from streams.query.search import Searcher
+from streams.sdk import locomo
 from streams.settings import Settings
-from streams.worker import embedder_for
 
 PER_CUBE = 10_000
 SIZES = (10_000, 100_000, 1_000_000)

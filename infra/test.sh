@@ -15,6 +15,7 @@ trap cleanup EXIT
 
 ruff check .
 ruff format --check .
+lint-imports
 memstream infra up
 started=1
 pytest -ra "$@"

@@ -3,23 +3,29 @@
 Two extractors share one interface. :class:`RuleExtractor` is the fast offline default: sentence
 segmentation, the speaker named in every item, relative dates resolved against the event time,
 keywords as tags, a subject key for facts that change (where someone lives, works, what they
-like). :class:`LLMExtractor` asks any OpenAI-compatible chat endpoint for the same items as JSON.
+like). :class:`LLMExtractor` asks any OpenAI-compatible chat endpoint for the same items as JSON,
+and falls back to the rules for an interaction when the endpoint fails.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-import httpx
+import openai
+from openai import OpenAI
 
 from processors.dates import resolve
 
 READER_VERSION = "rules/1"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -159,39 +165,92 @@ Return {{"memories": []}} when the turn holds nothing worth remembering."""
 
 
 class LLMExtractor:
-    """Extraction by any OpenAI-compatible chat-completions endpoint (JSON output)."""
+    """Extraction by any OpenAI-compatible chat-completions endpoint (JSON output).
 
-    def __init__(self, base_url: str, model: str, api_key: str = "", timeout: float = 60.0) -> None:
+    The ``openai`` client retries what is transient (connection errors, timeouts, 408/409/429,
+    5xx) ``max_retries`` times with exponential backoff, honouring ``Retry-After``. What still
+    fails does not stop the worker: that interaction is extracted by the offline
+    :class:`RuleExtractor` instead, with a warning, and counted in :attr:`fallbacks`.
+
+    Why a fallback rather than raising (which would stall the reader until the endpoint is back,
+    the interactions waiting safely in Kafka): the reader is one thread per worker and holds a
+    consumer group membership; an outage would stop all memory ingestion, and a batch that
+    spends longer than ``max.poll.interval.ms`` in retries gets the worker evicted from its
+    group. Rule items are the same format, so search and fusion keep working.
+
+    When the endpoint stays down after the client's retries, it is skipped for ``cooldown``
+    seconds (a circuit breaker): every interaction would otherwise pay the full retry time,
+    ``(max_retries + 1) * timeout`` plus backoff (a batch of 64: over an hour of timeouts).
+    Errors that concern one request (a 400, a 4xx the client does not retry, output that is not
+    the memories JSON) fall back for that interaction only and do not open the breaker.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str = "",
+        timeout: float = 30.0,
+        max_retries: int = 2,
+        cooldown: float = 60.0,
+    ) -> None:
         self.name = f"llm/{model}"
         self.model = model
-        self._client = httpx.Client(
+        self.cooldown = cooldown
+        self.fallbacks = 0  # interactions extracted by the rules: the LLM failed or was skipped
+        self._rules = RuleExtractor()
+        self._skip_until = 0.0
+        # The client refuses to start without a key; keyless local servers ignore this one.
+        self._client = OpenAI(
             base_url=base_url.rstrip("/"),
-            headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
+            api_key=api_key or "no-key",
             timeout=timeout,
+            max_retries=max_retries,
         )
 
     def extract(self, interaction: dict[str, Any]) -> list[MemoryItem]:
+        if time.monotonic() < self._skip_until:
+            self.fallbacks += 1
+            return self._rules.extract(interaction)
+        try:
+            return self._ask(interaction)
+        except (openai.APIConnectionError, openai.APIStatusError) as exc:
+            down = isinstance(exc, openai.APIConnectionError) or _retried_status(exc.status_code)
+            if down:
+                self._skip_until = time.monotonic() + self.cooldown
+            reason = f"{type(exc).__name__}: {exc}"
+        except (openai.APIResponseValidationError, ValueError) as exc:
+            down, reason = False, str(exc)
+        self.fallbacks += 1
+        log.warning(
+            "LLM extractor %s failed for event %s (%s); extracted by the rules instead%s",
+            self.model,
+            interaction.get("event_id"),
+            reason[:300],
+            f", LLM skipped for {self.cooldown:.0f}s" if down else "",
+        )
+        return self._rules.extract(interaction)
+
+    def _ask(self, interaction: dict[str, Any]) -> list[MemoryItem]:
         when: datetime = interaction["event_time"]
         prompt = LLM_PROMPT.format(
             speaker=interaction["speaker"],
             when=when.strftime("%A %d %B %Y, %H:%M UTC"),
             content=interaction["content"],
         )
-        response = self._client.post(
-            "/chat/completions",
-            json={
-                "model": self.model,
-                "messages": [{"role": "user", "content": prompt}],
-                "temperature": 0,
-                "response_format": {"type": "json_object"},
-            },
+        completion = self._client.chat.completions.create(
+            model=self.model,
+            messages=[{"role": "user", "content": prompt}],
+            temperature=0,
+            response_format={"type": "json_object"},
         )
-        response.raise_for_status()
-        content = response.json()["choices"][0]["message"]["content"]
+        content = completion.choices[0].message.content if completion.choices else None
         try:
-            memories = json.loads(content)["memories"]
+            memories = json.loads(content or "")["memories"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"LLM extractor returned no memories JSON: {content[:200]!r}") from exc
+            raise ValueError(f"LLM extractor returned no memories JSON: {content!r:.200}") from exc
+        if not isinstance(memories, list):
+            raise ValueError(f"LLM extractor returned memories that are no list: {memories!r:.200}")
         return [
             MemoryItem(
                 text=str(m["text"]),
@@ -201,3 +260,8 @@ class LLMExtractor:
             for m in memories
             if isinstance(m, dict) and m.get("text")
         ]
+
+
+def _retried_status(status: int) -> bool:
+    """The statuses the openai client retries: an endpoint that answers them is down, not us."""
+    return status in {408, 409, 429} or status >= 500

@@ -8,7 +8,7 @@ is held back by :class:`MemoryTable` until the missing one arrives.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
@@ -195,6 +195,20 @@ class MemoryTable:
 
     def get(self, memory_id: str) -> Memory | None:
         return self.memories.get(memory_id)
+
+    def load(self, states: Iterable[Memory]) -> None:
+        """Take states folded elsewhere (a snapshot) as the starting point."""
+        for state in states:
+            self.memories[state.memory_id] = state
+
+    def drop(self, keep: Callable[[Memory], bool]) -> list[Memory]:
+        """Forget the memories ``keep`` refuses (a partition handed to another worker); return
+        them."""
+        gone = [m for m in self.memories.values() if not keep(m)]
+        for m in gone:
+            del self.memories[m.memory_id]
+            self.pending.pop(m.memory_id, None)
+        return gone
 
     def in_cube(self, cube_id: str) -> Iterator[Memory]:
         return (m for m in self.memories.values() if m.cube_id == cube_id)

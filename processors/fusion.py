@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -82,6 +82,27 @@ class CubeMemories:
     def get(self, memory_id: str) -> Memory | None:
         with self.lock:
             return self.table.get(memory_id)
+
+    def load(self, states: Iterable[Memory]) -> None:
+        """Start from states folded elsewhere (a snapshot of the log), indexes included."""
+        with self.lock:
+            for memory in states:
+                self.table.load([memory])
+                self._index(memory)
+
+    def drop_cubes(self, gone: Callable[[str], bool]) -> int:
+        """Forget every cube for which ``gone(cube_id)`` holds (its partition moved to another
+        worker, whose fold is now the one that decides); return the memories dropped."""
+        with self.lock:
+            dropped = self.table.drop(lambda m: not gone(m.cube_id))
+            for cube_id in [c for c in self._vectors if gone(c)]:
+                del self._vectors[cube_id]
+            for cube_id in [c for c in self._keys if gone(c)]:
+                del self._keys[cube_id]
+            return len(dropped)
+
+    def __len__(self) -> int:
+        return len(self.table.memories)
 
     def _index(self, memory: Memory) -> None:
         vectors = self._vectors.setdefault(memory.cube_id, VectorIndex(self.dim))

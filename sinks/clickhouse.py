@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from processors.ops import payload_of
-from streams.consumer import Event
+from streams.transport.consumer import Event
 
 DDL = [
     """
@@ -60,6 +60,28 @@ DDL = [
     ORDER BY (cube_id, event_time, event_id)
     """,
     """
+    CREATE TABLE IF NOT EXISTS command_results (
+        event_id String,
+        command_id String,
+        cube_id String,
+        memory_id String,
+        command LowCardinality(String),
+        issued_by String,
+        status LowCardinality(String),
+        reason String,
+        op_event_ids Array(String),
+        version Nullable(UInt32),
+        event_time DateTime64(3, 'UTC'),
+        source_topic String,
+        source_partition UInt32,
+        source_offset UInt64,
+        topic String,
+        partition UInt32,
+        offset UInt64
+    ) ENGINE = ReplacingMergeTree
+    ORDER BY (cube_id, command_id, event_id)
+    """,
+    """
     CREATE OR REPLACE VIEW memory_versions AS
     SELECT memory_id, cube_id, version, op, event_time, text, key, valid_from, valid_to,
            superseded_by, supersedes, caused_by, reason, actor, partition, offset
@@ -71,6 +93,11 @@ OP_COLUMNS = [
     "event_id", "cube_id", "memory_id", "version", "op", "memory_type", "event_time", "actor",
     "caused_by", "supersedes", "superseded_by", "reason", "text", "key", "tags", "valid_from",
     "valid_to", "payload", "topic", "partition", "offset",
+]  # fmt: skip
+RESULT_COLUMNS = [
+    "event_id", "command_id", "cube_id", "memory_id", "command", "issued_by", "status", "reason",
+    "op_event_ids", "version", "event_time", "source_topic", "source_partition", "source_offset",
+    "topic", "partition", "offset",
 ]  # fmt: skip
 QUERY_COLUMNS = [
     "event_id", "cube_id", "actor", "query", "top_k", "event_time", "memory_ids", "scores",
@@ -133,6 +160,21 @@ class ClickHouseSink:
         ]  # fmt: skip
         if rows:
             self.client.insert("queries", rows, column_names=QUERY_COLUMNS)
+        return len(rows)
+
+    def write_command_results(self, events: Sequence[Event]) -> int:
+        rows = [
+            [
+                r["event_id"], r["command_id"], r["cube_id"], r["memory_id"], r["command"],
+                r["issued_by"], r["status"], r["reason"], r["op_event_ids"], r["version"],
+                r["event_time"], r["source"]["topic"], r["source"]["partition"],
+                r["source"]["offset"], e.topic, e.partition, e.offset,
+            ]
+            for e in events
+            for r in [e.value]
+        ]  # fmt: skip
+        if rows:
+            self.client.insert("command_results", rows, column_names=RESULT_COLUMNS)
         return len(rows)
 
     def history(self, memory_id: str, max_hops: int = 64) -> list[dict[str, Any]]:

@@ -1,1 +1,3 @@
-"""Topics, settings, the Kafka producer/consumer SDK, the CLI (and, later, the HTTP API, replay)."""
+"""Everything that talks to Kafka or to users, by layer (lower never imports higher):
+``settings`` < ``transport`` < ``runtime`` < ``query`` < ``pipeline`` < ``api`` | ``sdk``
+< ``cli``."""

@@ -70,6 +70,26 @@ class Settings(BaseSettings):
         default="0",
         description="Stable id of this worker among N; names its Kafka transactional producer.",
     )
+    role: Literal["all", "reader", "views"] = Field(
+        default="all",
+        description="Processors this process runs: reader (the writer), views (sinks, search, "
+        "audit, agents) or all.",
+    )
+    snapshot_every: int = Field(
+        default=50_000,
+        ge=1,
+        description="Ops folded on a partition between two fold snapshots (MinIO).",
+    )
+    session_timeout_ms: int = Field(
+        default=10_000,
+        ge=1000,
+        description="Consumer group session: how long a dead worker keeps its partitions.",
+    )
+    transaction_timeout_ms: int = Field(
+        default=20_000,
+        ge=1000,
+        description="How long a dead writer's open transaction blocks its partition's readers.",
+    )
     api_host: str = "127.0.0.1"
     api_port: int = 8080
     reader_batch: int = Field(

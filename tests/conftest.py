@@ -10,7 +10,7 @@ import pytest
 
 from infra import kafka, minio
 from streams.settings import Settings
-from streams.topics import ensure_topics
+from streams.transport.topics import ensure_topics
 
 
 @pytest.fixture(scope="session")

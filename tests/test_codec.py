@@ -98,6 +98,72 @@ SAMPLES = {
         "error": "not Avro",
         "failed_at": NOW,
     },
+    "Command": {
+        "command_id": "c-1",
+        "cube_id": "cube-a",
+        "memory_id": "m-1",
+        "command": "ACTIVATE",
+        "issued_by": "scheduler/1",
+        "event_time": NOW,
+        "reason": "hot",
+        "expected_version": 3,
+        "evidence": {"heat": 0.9},
+        "payload": {
+            "uri": "s3://b/kv/ab.safetensors",
+            "model_id": "m",
+            "token_count": 12,
+            "dtype": "float32",
+            "sha256": "ab",
+            "memory_ids": ["m-1"],
+        },
+    },
+    "CommandResult": {
+        "event_id": "r-1",
+        "command_id": "c-1",
+        "cube_id": "cube-a",
+        "memory_id": "m-1",
+        "command": "ACTIVATE",
+        "issued_by": "scheduler/1",
+        "status": "REJECTED",
+        "reason": "no memory m-1 in cube cube-a",
+        "op_event_ids": [],
+        "version": None,
+        "event_time": NOW,
+        "source": {"topic": "memstream.commands", "partition": 2, "offset": 9},
+    },
+    "FoldSnapshot": {
+        "topic": "memstream.memory-ops",
+        "partition": 1,
+        "next_offset": 100,
+        "ops_folded": 99,
+        "chunk": 0,
+        "chunks": 1,
+        "states": [
+            {
+                "memory_id": "m-1",
+                "cube_id": "cube-a",
+                "memory_type": "PLAINTEXT",
+                "version": 2,
+                "status": "active",
+                "created_at": NOW,
+                "updated_at": NOW,
+                "text": "a fact",
+                "key": None,
+                "tags": ["x"],
+                "embedding": b"\x00" * 8,
+                "embedding_model": "m",
+                "valid_from": NOW,
+                "valid_to": None,
+                "source": None,
+                "activated": True,
+                "payload_json": "{}",
+                "caused_by": ["e"],
+                "supersedes": [],
+                "superseded_by": None,
+                "last_event_id": "e",
+            },
+        ],
+    },
 }
 
 
@@ -212,3 +278,18 @@ def test_badly_named_schema_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "query.avsc").write_text("{}")
     with pytest.raises(SchemaError, match=r"<Record>\.v<N>\.avsc"):
         SchemaRegistry.from_directories(tmp_path)
+
+
+def test_kafka_murmur2_matches_the_java_client() -> None:
+    """Test vectors of Kafka's own UtilsTest.testMurmur2 (as signed 32-bit ints)."""
+    import ctypes
+
+    from streams.transport.topics import murmur2, partition_for
+
+    cases = {b"21": -973932308, b"foobar": -790332482, b"a-little-bit-long-string": -985981536,
+             b"a-little-bit-longer-string": -1486304829, b"abc": 479470107,
+             b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971}  # fmt: skip
+    for data, expected in cases.items():
+        assert ctypes.c_int32(murmur2(data)).value == expected
+    assert all(0 <= partition_for(f"cube-{i}", 6) < 6 for i in range(100))
+    assert partition_for("cube-1", 6) == partition_for(b"cube-1", 6)

@@ -67,7 +67,7 @@ def open_memory(job: dict[str, Any], name: str = "memories") -> Any:
 
 
 def quality(job: dict[str, Any]) -> dict[str, Any]:
-    from streams import locomo
+    from streams.sdk import locomo
 
     memory = open_memory(job)
     runs: dict[str, list[str]] = {}

@@ -16,13 +16,13 @@ from processors.extract import RuleExtractor
 from processors.fusion import CubeMemories
 from processors.reader import MemReader, Sourced
 from schemas import Codec
-from streams import locomo
-from streams.events import Interaction
-from streams.local import ServeProcess
-from streams.producer import EventProducer
+from streams.pipeline.build import embedder_for
+from streams.sdk import locomo
+from streams.sdk.local import ServeProcess
 from streams.settings import Settings
-from streams.topics import MEMORY_OPS
-from streams.worker import embedder_for
+from streams.transport.events import Interaction
+from streams.transport.producer import EventProducer
+from streams.transport.topics import MEMORY_OPS
 
 pytestmark = pytest.mark.integration
 

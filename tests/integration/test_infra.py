@@ -70,9 +70,13 @@ def test_up_twice_is_harmless_and_down_leaves_nothing(private_env: dict[str, str
     assert int(kafka.pidfile(s).read_text()) == kafka_pid
     assert int(minio.pidfile(s).read_text()) == minio_pid
 
+    rows = {row.name: row for row in services.status(s)}
+    assert (rows["kafka"].state, rows["kafka"].pid) == ("running", kafka_pid)
+    assert (rows["minio"].state, rows["minio"].pid) == ("running", minio_pid)
+    assert rows["milvus"].state == rows["clickhouse"].state == "embedded"
+    assert all(row.running for row in rows.values())
     status = memstream(private_env, "infra", "status")
-    assert status.returncode == 0
-    assert status.stdout.count("running") == 4
+    assert status.returncode == 0, status.stdout + status.stderr
     assert str(kafka_pid) in status.stdout and str(minio_pid) in status.stdout
 
     down = memstream(private_env, "infra", "down")
@@ -80,6 +84,8 @@ def test_up_twice_is_harmless_and_down_leaves_nothing(private_env: dict[str, str
     assert "minio" in down.stdout and "kafka" in down.stdout
     assert not pid_alive(kafka_pid) and not pid_alive(minio_pid)
     assert not any(port_open(p) for p in PORTS.values())
+    states = {row.name: row.state for row in services.status(s)}
+    assert (states["kafka"], states["minio"]) == ("stopped", "stopped")
     leftovers = subprocess.run(
         ["pgrep", "-f", private_env["MEMSTREAM_DATA_DIR"]], capture_output=True, text=True
     )
@@ -112,8 +118,66 @@ def test_missing_build_tools_are_a_clear_error(tmp_path: Path) -> None:
         os.environ["PATH"] = saved
 
 
-def test_status_reports_embedded_store_folders(base_settings: Settings) -> None:
+def test_status_of_the_running_services_is_checked(base_settings: Settings) -> None:
+    """The services `memstream infra up` started: each pid alive and its port answering."""
     rows = {row.name: row for row in services.status(base_settings)}
+    for name in ("kafka", "minio"):
+        assert rows[name].state == "running", rows[name].detail
+        assert rows[name].pid is not None and pid_alive(rows[name].pid)
+    assert rows["milvus"].state == "embedded", rows["milvus"].detail
     assert rows["milvus"].detail == base_settings.effective_milvus_uri
+    assert rows["clickhouse"].state == "embedded", rows["clickhouse"].detail
     assert rows["clickhouse"].detail.startswith("chdb://")
-    assert rows["kafka"].running and rows["minio"].running
+    assert all(row.running for row in rows.values())
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A port nobody listens on: bound here (so nobody else can take it), never listening."""
+    with socket.socket() as reserved:
+        reserved.bind(("127.0.0.1", 0))
+        yield reserved.getsockname()[1]
+
+
+def test_store_servers_on_a_closed_port_are_unreachable(tmp_path: Path, closed_port: int) -> None:
+    s = Settings(
+        data_dir=tmp_path,
+        milvus_uri=f"http://127.0.0.1:{closed_port}",
+        clickhouse_url=f"http://memstream:hunter2@127.0.0.1:{closed_port}/memstream",
+    )
+    rows = {row.name: row for row in services.status(s)}
+    for name in ("milvus", "clickhouse"):
+        assert (rows[name].kind, rows[name].state) == ("server", "unreachable")
+        assert not rows[name].running
+        assert f"no connection to 127.0.0.1:{closed_port}" in rows[name].detail
+    assert "hunter2" not in rows["clickhouse"].detail
+
+
+def test_local_services_on_closed_ports_are_stopped(tmp_path: Path, closed_port: int) -> None:
+    s = Settings(
+        data_dir=tmp_path,
+        kafka_bootstrap=f"127.0.0.1:{closed_port}",
+        minio_endpoint=f"127.0.0.1:{closed_port}",
+    )
+    rows = {row.name: row for row in services.status(s)}
+    for name in ("kafka", "minio"):
+        assert (rows[name].state, rows[name].pid, rows[name].running) == ("stopped", None, False)
+
+
+def test_a_port_taken_by_another_process_is_foreign_not_running(tmp_path: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        s = Settings(data_dir=tmp_path, kafka_bootstrap=f"127.0.0.1:{squatter.getsockname()[1]}")
+        row = services.status(s)[0]
+    assert (row.name, row.state, row.running) == ("kafka", "foreign", False)
+    assert "memstream did not start what listens there" in row.detail
+
+
+def test_embedded_stores_without_a_writable_folder_are_unavailable(tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "data"
+    not_a_folder.write_text("a file where the data folder should be")
+    rows = {row.name: row for row in services.status(Settings(data_dir=not_a_folder))}
+    for name in ("milvus", "clickhouse"):
+        assert (rows[name].state, rows[name].running) == ("unavailable", False)
+        assert f"{not_a_folder} is not a directory" in rows[name].detail

@@ -12,11 +12,11 @@ import pytest
 
 from schemas import Codec, SchemaRegistry
 from schemas.codec import parse_version
-from streams.consumer import Event, EventConsumer, InvalidEvent
-from streams.events import Interaction
-from streams.producer import ContentTooLarge, EventProducer
 from streams.settings import Settings
-from streams.topics import DLQ, INTERACTIONS
+from streams.transport.consumer import Event, EventConsumer, InvalidEvent
+from streams.transport.events import Interaction
+from streams.transport.producer import ContentTooLarge, EventProducer
+from streams.transport.topics import DLQ, INTERACTIONS
 
 pytestmark = pytest.mark.integration
 
@@ -163,7 +163,7 @@ def test_consumer_resumes_from_committed_offsets(settings: Settings, group_id: s
     """A new consumer in the group continues after the last handled event: no loss, no repeat."""
     run = uuid.uuid4().hex[:6]
     topic_settings = settings.model_copy(update={"topic_prefix": f"{settings.topic_prefix}{run}."})
-    from streams.topics import ensure_topics
+    from streams.transport.topics import ensure_topics
 
     ensure_topics(topic_settings)
     sent = make_interactions(run, cubes=3, per_cube=20)

@@ -10,14 +10,14 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from schemas import Codec
-from streams import locomo
-from streams.client import MemoryClient
-from streams.consumer import EventConsumer
-from streams.local import ServeProcess
-from streams.producer import EventProducer
+from streams.sdk import locomo
+from streams.sdk.client import MemoryClient
+from streams.sdk.local import ServeProcess
+from streams.sdk.subscribe import OpSubscriber
 from streams.settings import Settings
-from streams.subscribe import OpSubscriber
-from streams.topics import DLQ, INTERACTIONS, MEMORY_OPS
+from streams.transport.consumer import EventConsumer
+from streams.transport.producer import EventProducer
+from streams.transport.topics import DLQ, INTERACTIONS, MEMORY_OPS
 
 pytestmark = pytest.mark.integration
 

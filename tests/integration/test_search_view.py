@@ -18,10 +18,10 @@ from processors.fold import Memory
 from processors.ops import embedding_bytes
 from sinks.milvus import MilvusSink
 from sinks.stores import milvus_view
-from streams.search import Searcher, build_filter
+from streams.pipeline.build import embedder_for
+from streams.query.search import Searcher, build_filter
+from streams.query.working_set import WorkingSet
 from streams.settings import Settings
-from streams.worker import embedder_for
-from streams.working_set import WorkingSet
 
 pytestmark = pytest.mark.integration
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from streams.settings import Settings
-from streams.topics import ALL_TOPICS, describe_topics, ensure_topics
+from streams.transport.topics import ALL_TOPICS, describe_topics, ensure_topics
 
 pytestmark = pytest.mark.integration
 

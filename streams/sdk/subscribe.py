@@ -11,9 +11,9 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from streams.consumer import EventConsumer
 from streams.settings import Settings
-from streams.topics import MEMORY_OPS
+from streams.transport.consumer import EventConsumer
+from streams.transport.topics import MEMORY_OPS
 
 
 class OpSubscriber:

@@ -195,6 +195,17 @@ class WorkingSet:
                 cube.version += 1
             self._evict()
 
+    def release(self, gone: Callable[[str], bool]) -> int:
+        """Let go of the cubes for which ``gone(cube_id)`` holds (their partition moved to
+        another views worker, which now keeps the store current): they are read back from the
+        store on their next search. Returns how many were resident."""
+        with self._lock:
+            leaving = [c for c in self._cubes if gone(c)]
+            for cube_id in leaving:
+                del self._cubes[cube_id]
+                self._cold.add(cube_id)
+            return len(leaving)
+
     def snapshot(self, cube_id: str) -> tuple[Snapshot, bool]:
         """The cube's current snapshot, and whether it had to be loaded from the store."""
         loaded = False

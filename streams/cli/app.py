@@ -69,7 +69,8 @@ def infra_status() -> None:
 def _print_status(statuses: list[services.ServiceStatus]) -> None:
     table = Table("service", "kind", "state", "pid", "where")
     for s in statuses:
-        state = "[green]running[/]" if s.running else "[red]stopped[/]"
+        color = "green" if s.running else "yellow" if s.state == "foreign" else "red"
+        state = f"[{color}]{s.state}[/]"
         table.add_row(s.name, s.kind, state, str(s.pid or ""), s.detail)
     console.print(table)
 
@@ -78,30 +79,53 @@ def _print_status(statuses: list[services.ServiceStatus]) -> None:
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (MEMSTREAM_API_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (MEMSTREAM_API_PORT).")] = None,
+    role: Annotated[
+        str | None,
+        typer.Option(help="reader, views or all (MEMSTREAM_ROLE); see the README's roles."),
+    ] = None,
 ) -> None:
-    """Run the worker (MemReader, sinks, query audit) and the HTTP API in one process."""
+    """Run this process's processors (by role) and the HTTP API. Exits non-zero when a
+    processor keeps failing (after its restarts), so a supervisor starts a clean process."""
     import logging
+    import threading
 
     import uvicorn
 
-    from streams.api import create_app
+    from streams.api.app import create_app
+    from streams.pipeline.roles import ROLES, build_runtime
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # milvus-lite's embedded gRPC server logs a harmless NotImplemented for a newer client call.
     for noisy in ("grpc._server", "faiss.loader", "bm25s", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
     settings = Settings()
-    uvicorn.run(
-        create_app(settings),
-        host=host or settings.api_host,
-        port=port or settings.api_port,
-        log_level="warning",
+    if role is not None:
+        if role not in ROLES:
+            raise _fail(f"unknown role {role!r} (known: {', '.join(ROLES)})")
+        settings = settings.model_copy(update={"role": role})
+    runtime = build_runtime(settings)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings, runtime),
+            host=host or settings.api_host,
+            port=port or settings.api_port,
+            log_level="warning",
+        )
     )
+
+    def watch() -> None:
+        runtime.host.failed.wait()
+        server.should_exit = True  # lifespan stops the host: a bounded drain of the others
+
+    threading.Thread(target=watch, name="failure-watch", daemon=True).start()
+    server.run()
+    if runtime.host.failed.is_set():
+        raise _fail("a processor kept failing; see the log above (exit 1)")
 
 
 @app.command()
 def bench(
-    name: Annotated[str, typer.Argument(help="ingest, search, quality or profile.")],
+    name: Annotated[str, typer.Argument(help="ingest, search, quality, restart or profile.")],
     interactions: Annotated[
         int | None,
         typer.Option(help="ingest / profile: interactions to ingest (20,000 / 5,000)."),
@@ -114,12 +138,16 @@ def bench(
         Path | None, typer.Option(help="quality: write the ranked turn ids per question here.")
     ] = None,
     no_peer: Annotated[bool, typer.Option("--no-peer", help="Leave mem0 out.")] = False,
+    readers: Annotated[
+        int, typer.Option(help="ingest: reader processes (N > 1: N readers + 1 views process).")
+    ] = 1,
+    ops: Annotated[int | None, typer.Option(help="restart: ops in the log (1,000,000).")] = None,
 ) -> None:
     """Run a benchmark against the running services; prints a table, writes bench/results."""
     if name == "ingest":
         from bench import ingest
 
-        ingest.run(n=interactions or 20_000, peers=() if no_peer else ("mem0",))
+        ingest.run(n=interactions or 20_000, peers=() if no_peer else ("mem0",), readers=readers)
     elif name == "search":
         from bench import search
 
@@ -128,12 +156,18 @@ def bench(
         from bench import quality
 
         quality.run(data, run_out, peers=() if no_peer else ("mem0",))
+    elif name == "restart":
+        from bench import restart
+
+        restart.run(ops=ops or 1_000_000)
     elif name == "profile":
         from bench import profile
 
         profile.run(n=interactions or 5_000)
     else:
-        raise _fail(f"unknown benchmark {name!r} (known: ingest, search, quality, profile)")
+        raise _fail(
+            f"unknown benchmark {name!r} (known: ingest, search, quality, restart, profile)"
+        )
 
 
 @app.command()
@@ -148,8 +182,8 @@ def demo(
 
     from rich.progress import Progress
 
-    from streams import locomo
-    from streams.local import ServeProcess
+    from streams.sdk import locomo
+    from streams.sdk.local import ServeProcess
 
     settings = Settings()
     try:

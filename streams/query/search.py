@@ -2,7 +2,7 @@
 
 Dense vectors find paraphrases; BM25 finds exact names, places and dates that a small embedding
 model blurs. Reciprocal-rank fusion needs no score calibration between the two. Both rankings
-come from the cube's snapshot in the :class:`~streams.working_set.WorkingSet`, so they see the
+come from the cube's snapshot in the :class:`~streams.query.working_set.WorkingSet`, so they see the
 same rows; the plaintext view in Milvus is the store those snapshots load from.
 """
 
@@ -20,7 +20,7 @@ from threadpoolctl import threadpool_limits
 from processors.embedder import Embedder
 from processors.fold import Memory
 from sinks.milvus import MilvusSink, epoch_ms, quote
-from streams.working_set import WorkingSet
+from streams.query.working_set import WorkingSet
 
 RRF_K = 60
 CANDIDATES = 50

@@ -14,9 +14,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from streams.events import Interaction
+from streams.transport.events import Interaction
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "locomo"
+DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "locomo"
 SECONDS_PER_TURN = 30
 _SESSION = re.compile(r"^session_(\d+)$")
 

@@ -11,9 +11,9 @@ import sys
 import uuid
 from pathlib import Path
 
-from streams.client import MemoryClient
+from streams.sdk.client import MemoryClient
 from streams.settings import Settings
-from streams.topics import ensure_topics
+from streams.transport.topics import ensure_topics
 
 
 def free_port() -> int:
@@ -25,12 +25,23 @@ def free_port() -> int:
 class ServeProcess:
     """A worker with its own topics, data dir and port, against the shared Kafka and MinIO."""
 
-    def __init__(self, base: Settings, data_dir: Path, prefix: str | None = None) -> None:
+    def __init__(
+        self,
+        base: Settings,
+        data_dir: Path,
+        prefix: str | None = None,
+        role: str = "all",
+        worker_id: str = "0",
+        **overrides: object,
+    ) -> None:
         self.settings = base.model_copy(
             update={
                 "data_dir": data_dir,
                 "topic_prefix": prefix or f"run-{uuid.uuid4().hex[:8]}.",
                 "api_port": free_port(),
+                "role": role,
+                "worker_id": worker_id,
+                **overrides,
             }
         )
         ensure_topics(self.settings)
@@ -47,6 +58,13 @@ class ServeProcess:
             "MEMSTREAM_API_PORT": str(s.api_port),
             "MEMSTREAM_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
             "MEMSTREAM_MINIO_ENDPOINT": s.minio_endpoint,
+            "MEMSTREAM_ROLE": s.role,
+            "MEMSTREAM_WORKER_ID": s.worker_id,
+            "MEMSTREAM_PARTITIONS": str(s.partitions),
+            "MEMSTREAM_SNAPSHOT_EVERY": str(s.snapshot_every),
+            "MEMSTREAM_SESSION_TIMEOUT_MS": str(s.session_timeout_ms),
+            "MEMSTREAM_TRANSACTION_TIMEOUT_MS": str(s.transaction_timeout_ms),
+            **({"MEMSTREAM_MILVUS_URI": s.milvus_uri} if s.milvus_uri else {}),
         }
 
     def start(self, timeout: float = 240) -> ServeProcess:

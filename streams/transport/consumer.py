@@ -20,10 +20,10 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from schemas import Codec, DecodeError
-from streams.events import utcnow
-from streams.producer import EventProducer
 from streams.settings import Settings
-from streams.topics import ALL_TOPICS, DLQ
+from streams.transport.events import utcnow
+from streams.transport.producer import EventProducer
+from streams.transport.topics import ALL_TOPICS, DLQ
 
 
 class InvalidEvent(ValueError):
@@ -60,6 +60,9 @@ class EventConsumer:
         dead_letters: EventProducer | None = None,
         config: dict[str, Any] | None = None,
         commit_interval: float = 1.0,
+        on_assign: Callable[[list[TopicPartition]], None] | None = None,
+        on_revoke: Callable[[list[TopicPartition]], None] | None = None,
+        on_lost: Callable[[list[TopicPartition]], None] | None = None,
     ) -> None:
         self.settings = settings or Settings()
         self.codec = codec or Codec()
@@ -78,7 +81,13 @@ class EventConsumer:
                 **(config or {}),
             }
         )
-        self._consumer.subscribe(list(topics), on_revoke=self._on_revoke)
+        self._hooks = {"assign": on_assign, "revoke": on_revoke, "lost": on_lost}
+        self._consumer.subscribe(
+            list(topics),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
         self._pending: dict[tuple[str, int], int] = {}
         self._done: dict[tuple[str, int], int] = {}
         self._commit_interval = commit_interval
@@ -182,11 +191,31 @@ class EventConsumer:
         self._consumer.commit(offsets=offsets, asynchronous=False)
         self._done.clear()
 
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Partitions handed to this consumer; the owner's hook runs before any of their events
+        is returned (a processor catches its state up here)."""
+        if self._hooks["assign"] is not None:
+            self._hooks["assign"](partitions)
+
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Before giving partitions away, commit what is done on them; drop the rest."""
         revoked = {(tp.topic, tp.partition) for tp in partitions}
         self._commit()
         self._pending = {tp: o for tp, o in self._pending.items() if tp not in revoked}
+        if self._hooks["revoke"] is not None:
+            self._hooks["revoke"](partitions)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Partitions taken away without a clean hand-over (session timed out): another member
+        may already own them, so nothing is committed and the pending events are dropped."""
+        lost = {(tp.topic, tp.partition) for tp in partitions}
+        self._pending = {tp: o for tp, o in self._pending.items() if tp not in lost}
+        self._done = {tp: o for tp, o in self._done.items() if tp not in lost}
+        if self._hooks["lost"] is not None:
+            self._hooks["lost"](partitions)
+
+    def assignment(self) -> list[TopicPartition]:
+        return self._consumer.assignment()
 
     def _decode(self, msg: Message) -> Event | None:
         topic = msg.topic()
@@ -227,19 +256,47 @@ def dead_letter(
 ) -> None:
     """Publish a message that could not be handled to the DLQ, byte for byte, with where it came
     from and why; returns once the DLQ acknowledged it (only then may its offset move on)."""
+    dead_letter_bytes(
+        producer,
+        settings,
+        topic=msg.topic(),
+        partition=msg.partition(),
+        offset=msg.offset(),
+        key=msg.key(),
+        value=msg.value(),
+        error_type=error_type,
+        reason=reason,
+        worker=worker,
+    )
+
+
+def dead_letter_bytes(
+    producer: EventProducer,
+    settings: Settings,
+    *,
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+    error_type: str,
+    reason: str,
+    worker: str,
+) -> None:
+    """:func:`dead_letter` for a message known by its coordinates and bytes (a consumer other
+    than confluent-kafka's, such as Faust's). The DLQ event id is derived from the coordinates,
+    so two processors that refuse the same message record it once."""
     producer.publish(
         settings.topic(DLQ.name),
-        msg.topic(),
+        topic,
         DLQ.record,
         {
-            "event_id": str(
-                uuid.uuid5(uuid.NAMESPACE_URL, f"{msg.topic()}/{msg.partition()}/{msg.offset()}")
-            ),
-            "source_topic": msg.topic(),
-            "partition": msg.partition(),
-            "offset": msg.offset(),
-            "key": msg.key(),
-            "value": msg.value(),
+            "event_id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{topic}/{partition}/{offset}")),
+            "source_topic": topic,
+            "partition": partition,
+            "offset": offset,
+            "key": key,
+            "value": value,
             "error_type": error_type,
             "error": reason,
             "worker": worker,

@@ -10,9 +10,9 @@ from typing import Any
 
 import httpx
 
-from streams.events import Interaction
-from streams.producer import EventProducer
 from streams.settings import Settings
+from streams.transport.events import Interaction
+from streams.transport.producer import EventProducer
 
 
 def _interaction_json(item: dict[str, Any]) -> dict[str, Any]:

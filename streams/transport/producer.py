@@ -10,9 +10,9 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from schemas import Codec
-from streams.events import Interaction
 from streams.settings import Settings
-from streams.topics import INTERACTIONS
+from streams.transport.events import Interaction
+from streams.transport.topics import INTERACTIONS
 
 
 class PublishError(RuntimeError):
@@ -131,24 +131,25 @@ class EventProducer:
 
     def publish_transaction(
         self,
-        topic: str,
-        record: str,
-        items: Iterable[tuple[str | bytes | None, Mapping[str, Any]]],
+        items: Iterable[tuple[str, str, str | bytes | None, Mapping[str, Any]]],
         offsets: list[TopicPartition],
         group_metadata: Any,
         timeout: float = 60.0,
     ) -> None:
-        """Publish events and commit the consumer offsets they came from, atomically.
+        """Publish ``(topic, record, key, value)`` events and commit the consumer offsets they
+        came from, atomically.
 
         Kafka's consume-transform-produce transaction: after a crash either both the events and
         the offsets are in the log, or neither is (read_committed consumers never see a half).
+        A consumer that lost its partitions meanwhile is fenced (KIP-447): the commit fails and
+        the transaction is aborted, so a zombie never writes past the new owner.
         """
         if not self.transactional:
             raise RuntimeError("publish_transaction needs a producer with a transactional.id")
         with self._lock:
             self._producer.begin_transaction()
             try:
-                for key, value in items:
+                for topic, record, key, value in items:
                     self._produce(topic, key, self.codec.encode(record, value), None)
                 if offsets:
                     self._producer.send_offsets_to_transaction(offsets, group_metadata, timeout)

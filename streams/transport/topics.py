@@ -45,10 +45,53 @@ MEMORY_OPS = TopicSpec(
 QUERIES = TopicSpec(
     "queries", "QueryEvent", {"cleanup.policy": "delete", "retention.ms": THIRTY_DAYS_MS}
 )
+COMMANDS = TopicSpec(
+    "commands", "Command", {"cleanup.policy": "delete", "retention.ms": THIRTY_DAYS_MS}
+)
+COMMAND_RESULTS = TopicSpec(
+    "command-results", "CommandResult", {"cleanup.policy": "delete", "retention.ms": FOREVER}
+)
 CUBES = TopicSpec("cubes", "CubeEvent", {"cleanup.policy": "compact", "retention.ms": FOREVER})
 DLQ = TopicSpec("dlq", "DeadLetter", {"cleanup.policy": "delete", "retention.ms": THIRTY_DAYS_MS})
 
-ALL_TOPICS: tuple[TopicSpec, ...] = (INTERACTIONS, MEMORY_OPS, QUERIES, CUBES, DLQ)
+ALL_TOPICS: tuple[TopicSpec, ...] = (
+    INTERACTIONS,
+    MEMORY_OPS,
+    QUERIES,
+    COMMANDS,
+    COMMAND_RESULTS,
+    CUBES,
+    DLQ,
+)
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 hash (the Java client's ``Utils.murmur2``), as an unsigned 32-bit int."""
+    m, h = 0x5BD1E995, (0x9747B28C ^ len(data)) & 0xFFFFFFFF
+    whole = len(data) & ~3
+    for i in range(0, whole, 4):
+        k = int.from_bytes(data[i : i + 4], "little")
+        k = (k * m) & 0xFFFFFFFF
+        k ^= k >> 24
+        k = (k * m) & 0xFFFFFFFF
+        h = ((h * m) & 0xFFFFFFFF) ^ k
+    tail = data[whole:]
+    if len(tail) == 3:
+        h ^= tail[2] << 16
+    if len(tail) >= 2:
+        h ^= tail[1] << 8
+    if tail:
+        h = ((h ^ tail[0]) * m) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * m) & 0xFFFFFFFF
+    return h ^ (h >> 15)
+
+
+def partition_for(key: str | bytes, partitions: int) -> int:
+    """The partition a keyed event lands on: what every memstream producer (murmur2_random), the
+    Java client and aiokafka compute. Processors use it to know which cubes a partition holds."""
+    data = key.encode() if isinstance(key, str) else key
+    return (murmur2(data) & 0x7FFFFFFF) % partitions
 
 
 def admin_client(settings: Settings) -> AdminClient:

@@ -1,0 +1,45 @@
+"""The HTTP API: every ``memstream serve`` process runs its processors' host behind it.
+
+OpenAPI docs at ``/docs``. Health and publishing work in every role; search, lookups and audit
+need the views (role ``views`` or ``all``), because embedded stores live in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from streams.api.deps import Service
+from streams.api.routes import audit, commands, health, memories
+from streams.pipeline.roles import Runtime, build_runtime
+from streams.settings import Settings
+from streams.transport.producer import EventProducer
+
+
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
+    """The app; its lifespan builds (unless given) and starts the runtime, and stops it."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        rt = runtime or build_runtime(settings)
+        producer = EventProducer(settings)
+        app.state.service = Service(rt, producer)
+        rt.host.start()
+        try:
+            yield
+        finally:
+            rt.host.stop()
+            producer.close()
+
+    app = FastAPI(
+        title="memstream",
+        summary="A memory operating system for LLM agents, on Kafka.",
+        version="0.2.0",
+        lifespan=lifespan,
+    )
+    for router in (health.router, memories.router, commands.router, audit.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,1 @@
+"""One router per concern: health, memories (publish, search, lookup), commands, audit."""

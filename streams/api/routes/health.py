@@ -1,0 +1,67 @@
+"""Liveness, readiness and status: what an orchestrator and an operator ask a process."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from streams.api.deps import Service, service
+from streams.runtime.lag import group_lag
+from streams.transport.topics import COMMANDS, INTERACTIONS, MEMORY_OPS
+
+router = APIRouter(tags=["health"])
+ServiceDep = Annotated[Service, Depends(service)]
+
+
+@router.get("/healthz")
+async def healthz(svc: ServiceDep) -> JSONResponse:
+    """Liveness: 200 while the process should keep running (no processor gave up)."""
+    live = svc.runtime.host.live()
+    return JSONResponse({"live": live}, status_code=200 if live else 503)
+
+
+@router.get("/readyz")
+async def readyz(svc: ServiceDep) -> JSONResponse:
+    """Readiness: 200 when every processor runs and has caught up with its inputs."""
+    health = svc.runtime.host.health()
+    ready = svc.runtime.host.ready()
+    body = {"ready": ready, "processors": {n: {k: h[k] for k in ("state", "ready", "restarts",
+            "last_error")} for n, h in health.items()}}  # fmt: skip
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+def _lag(svc: Service) -> dict[str, int]:
+    s = svc.runtime.settings
+    return {
+        "interactions": group_lag(s, s.group("reader"), s.topic(INTERACTIONS.name)),
+        "commands": group_lag(s, s.group("reader"), s.topic(COMMANDS.name)),
+        "memory_ops": group_lag(s, s.group("views"), s.topic(MEMORY_OPS.name)),
+    }
+
+
+@router.get("/v1/status")
+async def status(svc: ServiceDep) -> dict[str, Any]:
+    """Role, processors (state, restarts, counters), group lag, the search working set."""
+    host = svc.runtime.host
+    health = host.health()
+    counters: dict[str, Any] = {}
+    for h in health.values():
+        counters.update({k: v for k, v in h["stats"].items() if isinstance(v, int | float)})
+    failure = None
+    if host.failed.is_set():
+        failure = "; ".join(f"{n}: {h['last_error']}" for n, h in health.items() if h["last_error"])
+    stores = svc.runtime.stores
+    return {
+        "role": svc.runtime.role,
+        "worker_id": svc.runtime.settings.worker_id,
+        "caught_up": host.ready(),
+        "running": host.live(),
+        "failure": failure,
+        "lag": await run_in_threadpool(_lag, svc),
+        "counters": counters,
+        "processors": health,
+        "working_set": stores.searcher.working_set.stats() if stores else None,
+    }

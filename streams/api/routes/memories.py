@@ -1,0 +1,174 @@
+"""Publishing interactions, searching a cube, and looking memories up."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, HTTPException, Query
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
+
+from streams.api.deps import Service, service
+from streams.query.search import build_filter
+from streams.transport.events import Interaction, Role, utcnow
+from streams.transport.producer import ContentTooLarge
+from streams.transport.topics import QUERIES
+
+router = APIRouter(tags=["memories"])
+ServiceDep = Annotated[Service, Depends(service)]
+
+
+class InteractionIn(BaseModel):
+    """An interaction as an agent posts it; the cube comes from the path."""
+
+    content: str = Field(min_length=1)
+    speaker: str = Field(min_length=1)
+    session_id: str = "default"
+    turn_id: str | None = None
+    actor: str = "api"
+    role: Role = "USER"
+    event_time: datetime | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+    event_id: str | None = None
+
+
+class Published(BaseModel):
+    event_id: str
+    topic: str
+    partition: int
+    offset: int
+
+
+class SearchHit(BaseModel):
+    memory_id: str
+    score: float
+    text: str
+    dense_rank: int | None
+    keyword_rank: int | None
+    version: int
+    tags: list[str]
+    valid_from: int
+    valid_to: int
+    session_id: str
+    turn_id: str
+    source_event_id: str
+
+
+class SearchResponse(BaseModel):
+    query_id: str
+    hits: list[SearchHit]
+    timing_ms: dict[str, float]
+
+
+@router.post("/v1/cubes/{cube_id}/interactions", response_model=list[Published])
+async def publish(
+    cube_id: str,
+    interactions: Annotated[list[InteractionIn], Body(min_length=1)],
+    svc: ServiceDep,
+) -> list[Published]:
+    """Publish interactions to the log; returns once the broker acknowledged them."""
+    events = [
+        Interaction(
+            cube_id=cube_id,
+            **i.model_dump(exclude_none=True, exclude={"event_time", "event_id"}),
+            event_time=i.event_time or utcnow(),
+            event_id=i.event_id or str(uuid.uuid4()),
+        )
+        for i in interactions
+    ]
+    try:
+        delivered = await run_in_threadpool(svc.producer.publish_interactions, events)
+    except ContentTooLarge as exc:
+        raise HTTPException(413, str(exc)) from exc
+    return [
+        Published(event_id=e.event_id, topic=d.topic, partition=d.partition, offset=d.offset)
+        for e, d in zip(events, delivered, strict=True)
+    ]
+
+
+@router.get("/v1/cubes/{cube_id}/search", response_model=SearchResponse)
+async def search(
+    cube_id: str,
+    svc: ServiceDep,
+    q: Annotated[str, Query(min_length=1, description="What to look for.")],
+    top_k: Annotated[int, Query(ge=1, le=200)] = 10,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    tags: Annotated[list[str] | None, Query()] = None,
+    include_history: bool = False,
+    actor: str = "api",
+) -> SearchResponse:
+    """Hybrid search (dense + BM25, fused by RRF); publishes a QueryEvent."""
+    searcher = svc.stores().searcher
+    started = time.perf_counter()
+
+    def run() -> tuple[list[Any], dict[str, float]]:
+        found = searcher.search(cube_id, q, top_k, since, until, tags, include_history)
+        return found, searcher.last_timing  # same thread: this search's timing
+
+    results, timing = await run_in_threadpool(run)
+    latency = (time.perf_counter() - started) * 1e3
+    query_id = str(uuid.uuid4())
+    settings = svc.runtime.settings
+    svc.producer.publish_nowait(
+        settings.topic(QUERIES.name),
+        cube_id,
+        QUERIES.record,
+        {
+            "event_id": query_id,
+            "cube_id": cube_id,
+            "actor": actor,
+            "query": q,
+            "top_k": top_k,
+            "event_time": utcnow(),
+            "results": [{"memory_id": r.memory_id, "score": r.score} for r in results],
+            "latency_ms": latency,
+        },
+    )
+    hits = [
+        SearchHit(
+            memory_id=r.memory_id,
+            score=r.score,
+            text=r.text,
+            dense_rank=r.dense_rank,
+            keyword_rank=r.keyword_rank,
+            **{k: r.row[k] for k in ("version", "valid_from", "valid_to", "session_id",
+                                      "turn_id", "source_event_id")},
+            tags=list(r.row.get("tags") or []),
+        )
+        for r in results
+    ]  # fmt: skip
+    return SearchResponse(query_id=query_id, hits=hits, timing_ms={**timing, "total_ms": latency})
+
+
+@router.get("/v1/memories/{memory_id}")
+async def memory(memory_id: str, svc: ServiceDep) -> dict[str, Any]:
+    """The memory's current state (any status), from the fold of the log."""
+    found = svc.views().get(memory_id)
+    if found is None:
+        raise HTTPException(404, f"no memory {memory_id}")
+    body = asdict(found)
+    body.pop("embedding")
+    return body
+
+
+@router.get("/v1/memories/{memory_id}/history")
+async def history(memory_id: str, svc: ServiceDep) -> list[dict[str, Any]]:
+    """Every version of the memory and of those it replaced or that replaced it."""
+    rows = await run_in_threadpool(svc.stores().history, memory_id)
+    if not rows:
+        raise HTTPException(404, f"no history for {memory_id}")
+    return rows
+
+
+@router.get("/v1/cubes/{cube_id}/memories")
+async def memories(
+    cube_id: str, svc: ServiceDep, limit: Annotated[int, Query(ge=1, le=16384)] = 1000
+) -> list[dict[str, Any]]:
+    """The cube's rows in the plaintext view (Milvus), without vectors."""
+    expr = build_filter(cube_id, include_history=True)
+    return await run_in_threadpool(svc.stores().rows, expr, limit)

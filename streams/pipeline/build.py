@@ -1,0 +1,64 @@
+"""The parts a process builds once and its processors share: embedder, extractor, view stores.
+
+Embedded engines allow one client per process (milvus-lite per data file, chdb per directory),
+and the embedder takes seconds to load, so these are opened here, once, and handed to the
+processors; a restarted processor gets the same ones.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from processors.embedder import Embedder, load_embedder
+from processors.extract import Extractor, LLMExtractor, RuleExtractor
+from sinks.clickhouse import ClickHouseSink
+from sinks.stores import clickhouse_client, milvus_view, minio_client
+from sinks.vault import VaultSink
+from streams.query.search import Searcher
+from streams.runtime.snapshots import SnapshotStore
+from streams.settings import Settings
+
+
+def embedder_for(settings: Settings) -> Embedder:
+    """The configured embedder, loaded once per process (ONNX exports cached in the tools dir)."""
+    return load_embedder(settings.embedder, settings.tools_dir / "onnx")
+
+
+def default_extractor(settings: Settings) -> Extractor:
+    if settings.llm_base_url:
+        key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else ""
+        return LLMExtractor(settings.llm_base_url, settings.llm_model, key)
+    return RuleExtractor()
+
+
+def snapshot_store(settings: Settings) -> SnapshotStore:
+    return SnapshotStore(minio_client(settings), settings.minio_bucket)
+
+
+class Stores:
+    """The view stores of a views process and the search over them.
+
+    ``lock`` serialises the embedded engines' clients between the views writer, the audit
+    writer and the API's reads (chdb and milvus-lite clients are not safe to share unguarded).
+    """
+
+    def __init__(self, settings: Settings, embedder: Embedder) -> None:
+        self.settings = settings
+        self.milvus = milvus_view(settings)
+        self.clickhouse = ClickHouseSink(clickhouse_client(settings))
+        self.vault = VaultSink(minio_client(settings), settings.minio_bucket)
+        self.searcher = Searcher(self.milvus, embedder, settings.search_budget_rows)
+        self.lock = threading.Lock()
+
+    def history(self, memory_id: str) -> list[dict[str, Any]]:
+        with self.lock:
+            return self.clickhouse.history(memory_id)
+
+    def audit(self, sql: str) -> list[dict[str, Any]]:
+        with self.lock:
+            return self.clickhouse.query(sql)
+
+    def rows(self, expr: str, limit: int) -> list[dict[str, Any]]:
+        with self.lock:
+            return self.milvus.rows(expr, limit)

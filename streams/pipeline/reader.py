@@ -1,0 +1,252 @@
+"""The writer: MemReader over interactions and the commands of other processors, the one
+component that assigns memory versions.
+
+It consumes ``interactions`` and ``commands`` in the ``reader`` group with the range assignor, so
+the same partition number of both topics (a cube's partition) goes to the same worker. It folds
+only the cubes of the partitions it owns: on assignment it catches its fold up for each new
+partition (the latest fold snapshot, then the tail of ``memory-ops`` up to the last stable
+offset) before it handles any event of it, and it forgets a partition it lost. Each batch's ops,
+command results and consumer offsets are one Kafka transaction: after a crash either all of them
+are in the log or none is. A transaction that fails (the group moved on: this worker was fenced)
+fails the processor; the host restarts it with a fold rebuilt from the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from confluent_kafka import Message, TopicPartition
+
+from processors.commands import apply_command, result_record
+from processors.embedder import Embedder
+from processors.extract import Extractor
+from processors.fold import FoldError
+from processors.fusion import CubeMemories
+from processors.reader import MemReader, Sourced
+from schemas import Codec, DecodeError
+from streams.runtime.partitions import restore_partition
+from streams.runtime.processor import Processor
+from streams.runtime.snapshots import SnapshotStore
+from streams.settings import Settings
+from streams.transport.consumer import Event, EventConsumer, InvalidEvent
+from streams.transport.producer import EventProducer
+from streams.transport.topics import (
+    COMMAND_RESULTS,
+    COMMANDS,
+    INTERACTIONS,
+    MEMORY_OPS,
+    partition_for,
+)
+
+log = logging.getLogger("memstream.reader")
+
+
+def interaction_validator(settings: Settings) -> Callable[[Event], None]:
+    """Rules an event must meet before the writer takes it (else: dead-letter)."""
+    commands_topic = settings.topic(COMMANDS.name)
+
+    def validate(event: Event) -> None:
+        value = event.value
+        if not value["cube_id"].strip():
+            raise InvalidEvent("missing cube_id")
+        if event.topic == commands_topic:
+            if partition_for(value["cube_id"], settings.partitions) != event.partition:
+                raise InvalidEvent("command not keyed by its cube_id (wrong partition)")
+            return
+        if not value["speaker"].strip():
+            raise InvalidEvent("missing speaker")
+        if not value["content"].strip():
+            raise InvalidEvent("empty content")
+        size = len(value["content"].encode())
+        if size > settings.max_event_bytes:
+            raise InvalidEvent(
+                f"content is {size} bytes, over the limit of {settings.max_event_bytes}"
+            )
+
+    return validate
+
+
+class ReaderProcessor(Processor):
+    """interactions + commands -> memory-ops + command-results, exactly once in effect."""
+
+    name = "reader"
+    inputs = ("interactions", "commands")
+    outputs = ("memory-ops", "command-results")
+    state = "the fold of the cubes of its partitions, with fusion's vector and key indexes"
+
+    def __init__(
+        self,
+        settings: Settings,
+        embedder: Embedder,
+        extractor: Extractor,
+        snapshots: SnapshotStore,
+        codec: Codec | None = None,
+    ) -> None:
+        self.settings = settings
+        self.codec = codec or Codec()
+        self.embedder = embedder
+        self.extractor = extractor
+        self.snapshots = snapshots
+        self.memories = CubeMemories(embedder.dim)
+        self.reader = MemReader(extractor, embedder, self.memories, settings.merge_threshold)
+        self.owned: set[int] = set()
+        self._revoked: set[int] = set()
+        self._assigned_once = False
+        self.counters = {"interactions": 0, "commands": 0, "ops_emitted": 0,
+                         "commands_rejected": 0, "catch_up_ops": 0, "catch_up_s": 0.0,
+                         "poison_ops": 0}  # fmt: skip
+
+    def open(self) -> None:
+        s = self.settings
+        self._ops_topic = s.topic(MEMORY_OPS.name)
+        self._results_topic = s.topic(COMMAND_RESULTS.name)
+        self._commands_topic = s.topic(COMMANDS.name)
+        self._dlq = EventProducer(s, self.codec)
+        self._transactions = EventProducer(
+            s,
+            self.codec,
+            {
+                "transactional.id": f"{s.group('reader')}-{s.worker_id}",
+                "transaction.timeout.ms": s.transaction_timeout_ms,
+            },
+        )
+        self._consumer = EventConsumer(
+            [s.topic(INTERACTIONS.name), self._commands_topic],
+            s.group("reader"),
+            s,
+            self.codec,
+            validator=interaction_validator(s),
+            dead_letters=self._dlq,
+            commit_interval=float("inf"),
+            config={
+                # Range gives each member the same partition numbers of both topics.
+                "partition.assignment.strategy": "range",
+                "session.timeout.ms": s.session_timeout_ms,
+                "heartbeat.interval.ms": max(500, s.session_timeout_ms // 5),
+                "max.poll.interval.ms": 600_000,
+                "isolation.level": "read_committed",
+            },
+            on_assign=self._assigned,
+            on_revoke=self._revoked_cb,
+            on_lost=self._lost,
+        )
+
+    def close(self) -> None:
+        for closer in (getattr(self, "_consumer", None), getattr(self, "_transactions", None),
+                       getattr(self, "_dlq", None)):  # fmt: skip
+            if closer is not None:
+                closer.close()
+
+    def ready(self) -> bool:
+        return self._assigned_once
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.counters, "partitions": sorted(self.owned), "memories": len(self.memories)}
+
+    # partitions --------------------------------------------------------------------------------
+
+    def _assigned(self, partitions: list[TopicPartition]) -> None:
+        now = {tp.partition for tp in partitions}
+        # Eager rebalancing revokes everything first; what comes back unchanged keeps its fold
+        # (no other member can have owned it in between), the rest is forgotten.
+        gone = (self.owned | self._revoked) - now
+        if gone:
+            self._forget(gone)
+        for p in sorted(now - self.owned):
+            self._catch_up(p)
+        self.owned = now
+        self._revoked = set()
+        self._assigned_once = True
+
+    def _revoked_cb(self, partitions: list[TopicPartition]) -> None:
+        revoked = {tp.partition for tp in partitions}
+        self._revoked |= revoked & self.owned
+        self.owned -= revoked
+
+    def _lost(self, partitions: list[TopicPartition]) -> None:
+        lost = {tp.partition for tp in partitions}
+        self._forget(lost)
+        self.owned -= lost
+
+    def _forget(self, partitions: set[int]) -> None:
+        n = self.settings.partitions
+        dropped = self.memories.drop_cubes(lambda cube: partition_for(cube, n) in partitions)
+        log.info("forgot partitions %s (%d memories)", sorted(partitions), dropped)
+
+    def _catch_up(self, partition: int) -> None:
+        """Fold partition ``partition`` of memory-ops up to the end of the log."""
+        began = time.monotonic()
+        done = restore_partition(self.settings, self.snapshots, self._ops_topic, partition,
+                                 self.memories.load, self._fold_logged)  # fmt: skip
+        self.counters["catch_up_ops"] += done.tail.messages
+        self.counters["catch_up_s"] += time.monotonic() - began
+        log.info("partition %d caught up: snapshot at %d, %d ops folded in %.2f s", partition,
+                 done.snapshot_offset, done.tail.messages, time.monotonic() - began)  # fmt: skip
+
+    def _fold_logged(self, msg: Message) -> None:
+        """Fold one op of the log; a poison op is skipped here (the views processor records it
+        in the dead-letter topic: one record per bad message)."""
+        try:
+            op = self.codec.decode(msg.value(), reader=MEMORY_OPS.record).record
+            self.memories.apply(op)
+        except (DecodeError, FoldError) as exc:
+            self.counters["poison_ops"] += 1
+            log.warning("skipping op at %s/%d@%d: %s", msg.topic(), msg.partition(),
+                        msg.offset(), exc)  # fmt: skip
+
+    # the writer --------------------------------------------------------------------------------
+
+    def step(self) -> None:
+        batch = self._consumer.poll_batch(self.settings.reader_batch, 0.2)
+        offsets = self._consumer.take_offsets()
+        if not offsets:
+            return
+        # A partition revoked during the poll is not ours to write for any more.
+        batch = [e for e in batch if e.partition in self.owned]
+        offsets = [tp for tp in offsets if tp.partition in self.owned]
+        items: list[tuple[str, str, str, dict[str, Any]]] = []
+        for topic, events in _runs(batch):
+            if topic == self._commands_topic:
+                for event in events:
+                    items.extend(self._command(event))
+            else:
+                ops = self.reader.process(
+                    [Sourced(e.value, e.topic, e.partition, e.offset) for e in events]
+                )
+                items.extend((self._ops_topic, MEMORY_OPS.record, op["cube_id"], op) for op in ops)
+                self.counters["interactions"] += len(events)
+                self.counters["ops_emitted"] += len(ops)
+        if not offsets:
+            return
+        self._transactions.publish_transaction(items, offsets, self._consumer.group_metadata())
+
+    def _command(self, event: Event) -> list[tuple[str, str, str, dict[str, Any]]]:
+        command = event.value
+        outcome = apply_command(self.memories, command)
+        self.counters["commands"] += 1
+        if outcome.status == "REJECTED":
+            self.counters["commands_rejected"] += 1
+        self.counters["ops_emitted"] += len(outcome.ops)
+        source = {"topic": event.topic, "partition": event.partition, "offset": event.offset}
+        cube = command["cube_id"]
+        return [
+            *((self._ops_topic, MEMORY_OPS.record, cube, op) for op in outcome.ops),
+            (self._results_topic, COMMAND_RESULTS.record, cube,
+             result_record(command, outcome, source)),
+        ]  # fmt: skip
+
+
+def _runs(events: list[Event]) -> Iterator[tuple[str, list[Event]]]:
+    """Consecutive events of the same topic, in order: interactions are embedded together, a
+    command in between is applied exactly where it came."""
+    run: list[Event] = []
+    for event in events:
+        if run and event.topic != run[0].topic:
+            yield run[0].topic, run
+            run = []
+        run.append(event)
+    if run:
+        yield run[0].topic, run

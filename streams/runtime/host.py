@@ -1,0 +1,165 @@
+"""The host: runs the enabled processors, one thread each, supervises them, reports health.
+
+Supervision policy (documented in the README): a processor that raises is closed and restarted
+with exponential backoff (0.5 s, doubling, at most 30 s), as a fresh instance, so it rebuilds its
+state from the log (snapshot + tail) instead of carrying on with a state it may have half
+updated. A processor that fails ``max_failures`` times within ``window_s`` gives up: the host
+sets :attr:`Host.failed`, ``memstream serve`` drains the others (bounded) and exits non-zero, and
+the orchestrator (systemd, Kubernetes, compose ``restart: always``) starts a clean process.
+``/readyz`` is red while any processor is not running, has not caught up, or has not finished a
+step for ``stall_s`` seconds (hung).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from streams.runtime.processor import Processor
+
+log = logging.getLogger("memstream.host")
+
+Factory = Callable[[], Processor]
+
+
+@dataclass
+class Supervised:
+    """One processor slot: its factory, current instance and what happened to it."""
+
+    name: str
+    factory: Factory
+    instance: Processor | None = None
+    state: str = "starting"  # starting | running | restarting | failed | stopped
+    restarts: int = 0
+    last_error: str | None = None
+    last_step: float = field(default_factory=time.monotonic)
+    failures: deque[float] = field(default_factory=deque)
+    thread: threading.Thread | None = None
+
+
+class Host:
+    """Starts, supervises and stops a set of processors."""
+
+    def __init__(
+        self,
+        factories: dict[str, Factory],
+        max_failures: int = 5,
+        window_s: float = 300.0,
+        stall_s: float = 120.0,
+        max_backoff_s: float = 30.0,
+    ) -> None:
+        self.slots = {name: Supervised(name, factory) for name, factory in factories.items()}
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self.stall_s = stall_s
+        self.max_backoff_s = max_backoff_s
+        self.failed = threading.Event()
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        for slot in self.slots.values():
+            slot.thread = threading.Thread(
+                target=self._supervise, args=(slot,), name=f"processor-{slot.name}", daemon=True
+            )
+            slot.thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask every processor to stop after its current step, and wait (bounded) for them."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        for slot in self.slots.values():
+            if slot.thread is not None:
+                slot.thread.join(max(0.0, deadline - time.monotonic()))
+
+    def get(self, name: str) -> Processor | None:
+        """The current instance of a processor (a restart replaces it)."""
+        slot = self.slots.get(name)
+        return slot.instance if slot is not None else None
+
+    # supervision -------------------------------------------------------------------------------
+
+    def _supervise(self, slot: Supervised) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            slot.state = "starting"
+            try:
+                slot.instance = slot.factory()
+                slot.instance.open()
+                slot.state = "running"
+                while not self._stop.is_set():
+                    slot.instance.step()
+                    slot.last_step = time.monotonic()
+                    if slot.failures and slot.last_step - slot.failures[-1] > self.window_s:
+                        slot.failures.clear()
+                        backoff = 0.5
+            except Exception as exc:
+                log.exception("processor %s failed", slot.name)
+                slot.state = "failed"
+                slot.last_error = f"{type(exc).__name__}: {exc}"
+                slot.failures.append(time.monotonic())
+            finally:
+                self._close(slot)
+            if self._stop.is_set():
+                break
+            while slot.failures and time.monotonic() - slot.failures[0] > self.window_s:
+                slot.failures.popleft()
+            if len(slot.failures) >= self.max_failures:
+                log.error("processor %s failed %d times in %.0f s: giving up", slot.name,
+                          len(slot.failures), self.window_s)  # fmt: skip
+                self.failed.set()
+                return
+            slot.state = "restarting"
+            slot.restarts += 1
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, self.max_backoff_s)
+        slot.state = "stopped"
+
+    @staticmethod
+    def _close(slot: Supervised) -> None:
+        if slot.instance is None:
+            return
+        try:
+            slot.instance.close()
+        except Exception:
+            log.exception("processor %s failed to close", slot.name)
+
+    # health ------------------------------------------------------------------------------------
+
+    def processor_health(self, slot: Supervised) -> dict[str, Any]:
+        now = time.monotonic()
+        instance = slot.instance
+        alive = slot.thread is not None and slot.thread.is_alive()
+        stalled = slot.state == "running" and now - slot.last_step > self.stall_s
+        ready = False
+        stats: dict[str, Any] = {}
+        if instance is not None and slot.state == "running":
+            try:
+                ready = bool(instance.ready())
+                stats = instance.stats()
+            except Exception as exc:  # a stats bug must not turn a health check into a 500
+                stats = {"error": repr(exc)}
+        return {
+            "state": "stalled" if stalled else slot.state,
+            "alive": alive,
+            "ready": alive and ready and not stalled,
+            "restarts": slot.restarts,
+            "last_error": slot.last_error,
+            "seconds_since_step": round(now - slot.last_step, 1),
+            "inputs": list(type(instance).inputs) if instance else [],
+            "outputs": list(type(instance).outputs) if instance else [],
+            "stats": stats,
+        }
+
+    def health(self) -> dict[str, dict[str, Any]]:
+        return {name: self.processor_health(slot) for name, slot in self.slots.items()}
+
+    def ready(self) -> bool:
+        return not self.failed.is_set() and all(h["ready"] for h in self.health().values())
+
+    def live(self) -> bool:
+        return not self.failed.is_set()

@@ -1,0 +1,1 @@
+"""The SDK: HTTP clients, the op subscriber, a local serve process, the LoCoMo loader."""

@@ -1,0 +1,95 @@
+"""The host supervises processors: health, restart with backoff, giving up."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from streams.runtime.host import Host
+from streams.runtime.processor import Processor
+
+
+class Counting(Processor):
+    """Steps until told to fail; counts what happened to it."""
+
+    name = "counting"
+    inputs = ("in",)
+    outputs = ("out",)
+    opened: list[int] = []  # noqa: RUF012 (shared on purpose: instances come and go)
+
+    def __init__(self, fail: threading.Event, fail_open: bool = False) -> None:
+        self.fail = fail
+        self.fail_open = fail_open
+        self.steps = 0
+
+    def open(self) -> None:
+        if self.fail_open:
+            raise RuntimeError("cannot connect")
+        Counting.opened.append(id(self))
+
+    def step(self) -> None:
+        if self.fail.is_set():
+            self.fail.clear()
+            raise RuntimeError("boom")
+        self.steps += 1
+        time.sleep(0.01)
+
+    def ready(self) -> bool:
+        return self.steps > 0
+
+    def stats(self) -> dict[str, Any]:
+        return {"steps": self.steps}
+
+
+def wait_for(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_a_failed_processor_is_restarted_fresh_and_readiness_follows() -> None:
+    fail = threading.Event()
+    host = Host({"counting": lambda: Counting(fail)})
+    host.start()
+    try:
+        wait_for(host.ready)
+        first = host.get("counting")
+        fail.set()
+        wait_for(lambda: not host.ready(), 5)
+        wait_for(host.ready)
+        health = host.health()["counting"]
+        assert health["restarts"] == 1 and health["last_error"] == "RuntimeError: boom"
+        assert host.get("counting") is not first and host.live()
+        assert health["inputs"] == ["in"] and health["stats"]["steps"] > 0
+    finally:
+        host.stop()
+    assert host.health()["counting"]["state"] == "stopped"
+
+
+def test_a_processor_that_keeps_failing_makes_the_host_give_up() -> None:
+    host = Host({"counting": lambda: Counting(threading.Event(), fail_open=True)},
+                max_failures=3, max_backoff_s=0.05)  # fmt: skip
+    host.start()
+    try:
+        assert host.failed.wait(10)
+        assert not host.live() and not host.ready()
+        assert host.health()["counting"]["last_error"] == "RuntimeError: cannot connect"
+    finally:
+        host.stop()
+
+
+def test_a_hung_processor_is_not_ready() -> None:
+    class Hanging(Counting):
+        def step(self) -> None:
+            self.steps += 1
+            time.sleep(0.5)
+
+    host = Host({"hanging": lambda: Hanging(threading.Event())}, stall_s=0.2)
+    host.start()
+    try:
+        wait_for(lambda: host.health()["hanging"]["state"] == "stalled")
+        assert not host.ready()
+    finally:
+        host.stop()
