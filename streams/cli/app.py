@@ -66,6 +66,18 @@ def infra_status() -> None:
     _print_status(services.status(Settings()))
 
 
+def _print_processors(status: dict) -> None:
+    """The processors a process hosts: what each reads and writes, its state and counters."""
+    table = Table("processor", "state", "reads -> writes", "restarts", "counters",
+                  title=f"processors (role {status['role']})")  # fmt: skip
+    for name, p in status["processors"].items():
+        counters = ", ".join(f"{k}={v}" for k, v in p["stats"].items()
+                             if isinstance(v, int) and not isinstance(v, bool) and v)  # fmt: skip
+        flow = f"{', '.join(p['inputs'])} -> {', '.join(p['outputs'])}"
+        table.add_row(name, p["state"], flow, str(p["restarts"]), counters)
+    console.print(table)
+
+
 def _print_status(statuses: list[services.ServiceStatus]) -> None:
     table = Table("service", "kind", "state", "pid", "where")
     for s in statuses:
@@ -212,6 +224,7 @@ def demo(
         console.print(
             f"[bold]{len(turns)} turns -> {len(client.memories(cube, 16384))} memories[/]"
         )
+        _print_processors(client.status())
 
         for qa in [q for q in sample.qa if q.get("category") in (1, 2, 4)][:3]:
             table = Table("turn", "score", "memory", title=f"search: {qa['question']}")
@@ -263,6 +276,26 @@ def demo(
                 str(row["valid_to"] or "")[:10],
                 (row["text"] or "")[:60],
             )
+        console.print(table)
+
+        # Another processor asks the one writer to archive the old fact, twice, and to delete a
+        # memory that does not exist: applied once, repeated, refused, all on record.
+        old = next(r for r in client.history(hit["memory_id"]) if "Boston" in (r["text"] or ""))
+        asked = "demo-archive-" + uuid.uuid4().hex[:6]
+        for memory_id, kind, command_id in (
+            (old["memory_id"], "ARCHIVE", asked),
+            (old["memory_id"], "ARCHIVE", asked),
+            ("no-such-memory", "DELETE", None),
+        ):
+            sent = client.command(cube, memory_id, kind, reason="demo: cooled down",
+                                  **({"command_id": command_id} if command_id else {}))  # fmt: skip
+            client.command_result(sent["command_id"])
+        table = Table("command", "memory", "status", "reason", title="commands to the writer")
+        for row in client.audit(
+            "SELECT command, memory_id, status, reason FROM command_results FINAL "
+            f"WHERE cube_id = '{cube}' ORDER BY source_offset"
+        ):
+            table.add_row(row["command"], row["memory_id"][:8], row["status"], row["reason"])
         console.print(table)
 
         sql = (

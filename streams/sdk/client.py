@@ -79,6 +79,32 @@ class MemoryClient:
     def status(self) -> dict[str, Any]:
         return self._ok(self._http.get("/v1/status"))
 
+    def ready(self) -> bool:
+        """``/readyz``: every processor of the process runs and has caught up."""
+        return self._http.get("/readyz").status_code == 200
+
+    def command(self, cube_id: str, memory_id: str, command: str, **fields: Any) -> dict[str, Any]:
+        """Ask the writer to ACTIVATE, DEACTIVATE, ARCHIVE, RESTORE, EXPIRE or DELETE a memory
+        (fields: reason, issued_by, expected_version, command_id); returns the command id and
+        where it sits in the log. The outcome lands in the ``command_results`` audit table."""
+        body = {"memory_id": memory_id, "command": command, **fields}
+        return self._ok(self._http.post(f"/v1/cubes/{cube_id}/commands", json=body))
+
+    def command_result(self, command_id: str, timeout: float = 60.0) -> dict[str, Any]:
+        """Wait for what the writer did with a command (APPLIED, DUPLICATE or REJECTED)."""
+        quoted = command_id.replace("'", "")
+        sql = (
+            "SELECT status, reason, version, memory_id, command FROM command_results FINAL "
+            f"WHERE command_id = '{quoted}' ORDER BY source_offset"
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rows = self.audit(sql)
+            if rows:
+                return rows[-1]
+            time.sleep(0.2)
+        raise TimeoutError(f"no result for command {command_id} after {timeout}s")
+
     def wait_ready(self, timeout: float = 180.0) -> None:
         """Wait until the worker answers and its fold has caught up with the log."""
         deadline = time.monotonic() + timeout
