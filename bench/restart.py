@@ -24,32 +24,29 @@ from bench.report import write
 from processors.fold import MemoryTable
 from schemas import Codec
 from sinks.stores import minio_client
-from streams.runtime.partitions import read_partition, restore_partition
+from streams.runtime.partitions import read_partitions, restore_partitions
 from streams.runtime.snapshots import SnapshotStore, states_of
 from streams.settings import Settings
 from streams.transport.producer import EventProducer
 from streams.transport.topics import MEMORY_OPS, ensure_topics
 
-OPS_PER_MEMORY = 4
-
 
 def _restore_all(settings: Settings, snapshots: SnapshotStore | None) -> tuple[float, int, dict]:
-    """Rebuild every partition's fold; return (seconds, ops folded from the log, fold)."""
+    """Rebuild every partition's fold as a restarted reader does; return (seconds, ops folded
+    from the log, the fold)."""
     codec, topic = Codec(), settings.topic(MEMORY_OPS.name)
-    tables: dict[int, MemoryTable] = {}
-    folded = 0
+    table = MemoryTable()
+
+    def handle(msg: Message) -> None:
+        table.apply(codec.decode(msg.value(), reader=MEMORY_OPS.record).record)
+
     started = time.perf_counter()
-    for p in range(settings.partitions):
-        table = tables[p] = MemoryTable()
-
-        def handle(msg: Message, table: MemoryTable = table) -> None:
-            table.apply(codec.decode(msg.value(), reader=MEMORY_OPS.record).record)
-
-        folded += restore_partition(settings, snapshots, topic, p, table.load, handle).tail.messages
-    return time.perf_counter() - started, folded, tables
+    done = restore_partitions(settings, snapshots, topic, list(range(settings.partitions)),
+                              table.load, handle)  # fmt: skip
+    return time.perf_counter() - started, sum(r.tail.messages for r in done.values()), table
 
 
-def run(ops: int = 1_000_000, tail: int = 10_000) -> dict[str, Any]:
+def run(ops: int = 1_000_000, ops_per_memory: int = 4, tail: int = 10_000) -> dict[str, Any]:
     console = Console()
     settings = Settings()
     settings = settings.model_copy(
@@ -57,8 +54,8 @@ def run(ops: int = 1_000_000, tail: int = 10_000) -> dict[str, Any]:
     )
     ensure_topics(settings)
     topic = settings.topic(MEMORY_OPS.name)
-    memories = ops // OPS_PER_MEMORY
-    log = synthetic.ops(memories, OPS_PER_MEMORY, cubes=200)
+    memories = ops // ops_per_memory
+    log = synthetic.ops(memories, ops_per_memory, cubes=200)
     codec = Codec()
     snapshots = SnapshotStore(minio_client(settings), settings.minio_bucket, codec)
     with EventProducer(settings, codec) as producer, Progress(console=console) as progress:
@@ -75,16 +72,17 @@ def run(ops: int = 1_000_000, tail: int = 10_000) -> dict[str, Any]:
                 if written == ops - tail:
                     break
         task_s = progress.add_task("snapshotting every partition", total=settings.partitions)
+        tables = {p: MemoryTable() for p in range(settings.partitions)}
+
+        def handle(msg: Message) -> None:
+            op = codec.decode(msg.value(), reader=MEMORY_OPS.record).record
+            tables[msg.partition()].apply(op)
+
+        done = read_partitions(settings, topic, dict.fromkeys(tables, 0), handle)
         snap_started = time.perf_counter()
-        for p in range(settings.partitions):
-            table = MemoryTable()
-
-            def handle(msg: Message, table: MemoryTable = table) -> None:
-                table.apply(codec.decode(msg.value(), reader=MEMORY_OPS.record).record)
-
-            done = read_partition(settings, topic, p, 0, handle)
+        for p, table in tables.items():
             states = states_of(table.memories.values())
-            snapshots.save(topic, p, done.next_offset, done.messages, states)
+            snapshots.save(topic, p, done[p].next_offset, done[p].messages, states)
             progress.advance(task_s)
         snapshot_s = time.perf_counter() - snap_started
         rest = [*batch, *log]
@@ -95,10 +93,11 @@ def run(ops: int = 1_000_000, tail: int = 10_000) -> dict[str, Any]:
         cold_s, cold_ops, cold = _restore_all(settings, None)
     with console.status("restoring every partition from its snapshot + tail..."):
         warm_s, warm_ops, warm = _restore_all(settings, snapshots)
-    same = all(cold[p].memories == warm[p].memories for p in cold)
-    memories_total = sum(len(t.memories) for t in warm.values())
+    same = cold.memories == warm.memories
+    memories_total = len(warm.memories)
     results = {
         "ops_in_log": cold_ops,
+        "ops_per_memory": ops_per_memory,
         "memories": memories_total,
         "partitions": settings.partitions,
         "tail_ops": warm_ops,
@@ -115,7 +114,7 @@ def run(ops: int = 1_000_000, tail: int = 10_000) -> dict[str, Any]:
         "snapshot_write_s": round(snapshot_s, 2),
         "folds_equal": same,
     }
-    write("restart", results, console)
+    write(f"restart-{ops_per_memory}", results, console)
     if not same:
         raise AssertionError("the fold restored from a snapshot differs from the fold from 0")
     return results

@@ -154,6 +154,9 @@ def bench(
         int, typer.Option(help="ingest: reader processes (N > 1: N readers + 1 views process).")
     ] = 1,
     ops: Annotated[int | None, typer.Option(help="restart: ops in the log (1,000,000).")] = None,
+    ops_per_memory: Annotated[
+        int, typer.Option(help="restart: ops per memory (the log / state ratio).")
+    ] = 4,
 ) -> None:
     """Run a benchmark against the running services; prints a table, writes bench/results."""
     if name == "ingest":
@@ -171,7 +174,7 @@ def bench(
     elif name == "restart":
         from bench import restart
 
-        restart.run(ops=ops or 1_000_000)
+        restart.run(ops=ops or 1_000_000, ops_per_memory=ops_per_memory)
     elif name == "profile":
         from bench import profile
 

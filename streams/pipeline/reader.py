@@ -27,7 +27,7 @@ from processors.fold import FoldError
 from processors.fusion import CubeMemories
 from processors.reader import MemReader, Sourced
 from schemas import Codec, DecodeError
-from streams.runtime.partitions import restore_partition
+from streams.runtime.partitions import restore_partitions
 from streams.runtime.processor import Processor
 from streams.runtime.snapshots import SnapshotStore
 from streams.settings import Settings
@@ -144,7 +144,11 @@ class ReaderProcessor(Processor):
         return self._assigned_once
 
     def stats(self) -> dict[str, Any]:
-        return {**self.counters, "partitions": sorted(self.owned), "memories": len(self.memories)}
+        extra = {}
+        if hasattr(self.extractor, "fallbacks"):  # the LLM extractor: interactions it could
+            extra["llm_fallbacks"] = self.extractor.fallbacks  # not extract (rules instead)
+        return {**self.counters, **extra, "partitions": sorted(self.owned),
+                "memories": len(self.memories)}  # fmt: skip
 
     # partitions --------------------------------------------------------------------------------
 
@@ -155,8 +159,8 @@ class ReaderProcessor(Processor):
         gone = (self.owned | self._revoked) - now
         if gone:
             self._forget(gone)
-        for p in sorted(now - self.owned):
-            self._catch_up(p)
+        if now - self.owned:
+            self._catch_up(sorted(now - self.owned))
         self.owned = now
         self._revoked = set()
         self._assigned_once = True
@@ -176,15 +180,17 @@ class ReaderProcessor(Processor):
         dropped = self.memories.drop_cubes(lambda cube: partition_for(cube, n) in partitions)
         log.info("forgot partitions %s (%d memories)", sorted(partitions), dropped)
 
-    def _catch_up(self, partition: int) -> None:
-        """Fold partition ``partition`` of memory-ops up to the end of the log."""
+    def _catch_up(self, partitions: list[int]) -> None:
+        """Fold the given partitions of memory-ops up to the end of the log."""
         began = time.monotonic()
-        done = restore_partition(self.settings, self.snapshots, self._ops_topic, partition,
-                                 self.memories.load, self._fold_logged)  # fmt: skip
-        self.counters["catch_up_ops"] += done.tail.messages
+        done = restore_partitions(self.settings, self.snapshots, self._ops_topic, partitions,
+                                  self.memories.load, self._fold_logged)  # fmt: skip
+        tail = sum(r.tail.messages for r in done.values())
+        self.counters["catch_up_ops"] += tail
         self.counters["catch_up_s"] += time.monotonic() - began
-        log.info("partition %d caught up: snapshot at %d, %d ops folded in %.2f s", partition,
-                 done.snapshot_offset, done.tail.messages, time.monotonic() - began)  # fmt: skip
+        log.info("partitions %s caught up in %.2f s: %d ops from snapshots at %s", partitions,
+                 time.monotonic() - began, tail,
+                 {p: r.snapshot_offset for p, r in done.items()})  # fmt: skip
 
     def _fold_logged(self, msg: Message) -> None:
         """Fold one op of the log; a poison op is skipped here (the views processor records it

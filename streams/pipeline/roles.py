@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from processors.embedder import Embedder
 from processors.extract import Extractor
 from schemas import Codec
+from streams.pipeline.agents import AccessStatsAgent
 from streams.pipeline.audit import AuditProcessor
 from streams.pipeline.build import Stores, default_extractor, embedder_for, snapshot_store
 from streams.pipeline.reader import ReaderProcessor
@@ -27,8 +28,8 @@ from streams.settings import Settings
 
 ROLES: dict[str, tuple[str, ...]] = {
     "reader": ("reader",),
-    "views": ("views", "audit"),
-    "all": ("reader", "views", "audit"),
+    "views": ("views", "audit", "access-stats"),
+    "all": ("reader", "views", "audit", "access-stats"),
 }
 
 
@@ -68,5 +69,7 @@ def build_runtime(
     if stores is not None:
         factories["views"] = lambda: ViewsProcessor(settings, stores, snapshots, codec)
         factories["audit"] = lambda: AuditProcessor(settings, stores, codec)
+    if "access-stats" in names:
+        factories["access-stats"] = lambda: AccessStatsAgent(settings, codec)
     factories.update(extra or {})
     return Runtime(settings, role, Host(factories), embedder, stores)

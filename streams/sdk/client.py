@@ -79,6 +79,10 @@ class MemoryClient:
     def status(self) -> dict[str, Any]:
         return self._ok(self._http.get("/v1/status"))
 
+    def access(self, cube_id: str, limit: int = 20) -> list[dict[str, Any]]:
+        """The cube's most retrieved memories, hottest first (the access-stats agent)."""
+        return self._ok(self._http.get(f"/v1/cubes/{cube_id}/access", params={"limit": limit}))
+
     def ready(self) -> bool:
         """``/readyz``: every processor of the process runs and has caught up."""
         return self._http.get("/readyz").status_code == 200

@@ -183,3 +183,25 @@ def test_a_killed_processor_turns_readyz_red_within_5_s_and_is_restarted(
     assert runtime.host.get("audit") is not victim
     print(f"\nreadyz red {red_after:.2f} s after the kill: {body['processors']['audit']}")
     assert api.get("/healthz").status_code == 200
+
+
+def test_searches_are_counted_per_memory_by_the_faust_agent(api: TestClient) -> None:
+    cube = f"access-{uuid.uuid4().hex[:6]}"
+    publish(api, cube, "I bought a red kayak for the summer.", T0)
+    publish(api, cube, "My neighbour grows tomatoes on her balcony.", T0 + timedelta(hours=1))
+    kayak = memory_of(api, cube, "kayak")
+    for _ in range(3):
+        hits = api.get(f"/v1/cubes/{cube}/search", params={"q": "kayak", "top_k": 1}).json()
+        assert hits["hits"][0]["memory_id"] == kayak["memory_id"]
+
+    def counted() -> list[dict[str, Any]]:
+        return api.get(f"/v1/cubes/{cube}/access").json()
+
+    wait(lambda: sum(r["hits"] for r in counted()) >= 4, 60, "searches not counted")
+    top = counted()
+    # memory_of searched once (top 1) before the three: four hits, all at rank 1.
+    assert top[0]["memory_id"] == kayak["memory_id"] and top[0]["hits"] == 4
+    assert top[0]["best_rank"] == 1 and top[0]["recent_hits"] == 4
+    assert len(top) == 1, "a memory no search returned has no statistics"
+    one = api.get(f"/v1/cubes/{cube}/memories/{kayak['memory_id']}/access").json()
+    assert one["hits"] == 4
