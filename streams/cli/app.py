@@ -193,6 +193,7 @@ def demo(
 ) -> None:
     """Start everything, ingest a real conversation, then search it, show a fact's history and
     query the audit log."""
+    import time
     from datetime import timedelta
 
     from rich.progress import Progress
@@ -235,6 +236,17 @@ def demo(
                 mark = " [green](evidence)[/]" if hit["turn_id"] in qa["evidence"] else ""
                 table.add_row(hit["turn_id"] + mark, f"{hit['score']:.4f}", hit["text"])
             console.print(table)
+
+        # The access-stats agent (Faust) counted those searches from memstream.queries.
+        deadline = time.monotonic() + 30
+        while not (hot := client.access(cube, 5)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        table = Table("hits", "best rank", "score", "memory", title="hottest memories (Faust)")
+        texts = {m["memory_id"]: m["text"] for m in client.memories(cube, 16384)}
+        for row in hot:
+            table.add_row(str(row["hits"]), str(row["best_rank"]), f"{row['score']:.2f}",
+                          texts.get(row["memory_id"], row["memory_id"])[:60])  # fmt: skip
+        console.print(table)
 
         speaker = sample.conversation["speaker_a"]
         last = max(t["event_time"] for t in turns)

@@ -20,6 +20,7 @@ from confluent_kafka.admin import ConfigResource
 from streams.pipeline.agents import AccessStats, AccessStatsAgent
 from streams.pipeline.agents.access import EPOCH
 from streams.pipeline.agents.runner import FaustAppFailed
+from streams.runtime.lag import group_lag
 from streams.settings import Settings
 from streams.transport.consumer import EventConsumer
 from streams.transport.producer import EventProducer
@@ -174,7 +175,7 @@ def test_counts_survive_restarts_exactly(own_settings: Settings, hosted: Any) ->
     first, more = queries(run, 150, seed=1), queries(run, 60, seed=2)
     producer = EventProducer(s)
     producer.publish_many(topic, QUERIES.record, first)
-    hits_first, hits_more = 5 * len(first), 5 * len(more)
+    hits_more = 5 * len(more)
 
     started = time.monotonic()
     one = hosted(s)
@@ -205,12 +206,15 @@ def test_counts_survive_restarts_exactly(own_settings: Settings, hosted: Any) ->
     two.close()
 
     # Offsets lost (a crash before the commit, a rebalance mid-batch): every event comes again,
-    # and every key's offset guard skips it.
+    # and every key's offset guard skips it. Caught up means the group has committed the end of
+    # the log, not "saw 210 events": Faust may deliver some twice (a re-seek) or, rarely, skip
+    # one (see test_access_agent.py), neither of which may change a count here.
     rewind(s)
     three = hosted(s)
-    three.wait_counted(len(first) + len(more))
+    three.wait_for(lambda: group_lag(s, s.group("access-stats"), topic) == 0, "the catch-up")
     stats = three.agent.stats()
-    assert (stats["hits"], stats["duplicates"]) == (0, hits_first + hits_more)
+    assert stats["events"] > 0  # the rewind did redeliver
+    assert (stats["hits"], stats["duplicates"]) == (0, 5 * stats["events"])
     assert_counts(three.agent, expected_totals(first + more))
     three.close()
     producer.close()
