@@ -18,8 +18,6 @@ from typing import Any
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
-    KafkaError,
-    KafkaException,
     Message,
     TopicPartition,
 )
@@ -30,7 +28,7 @@ from streams.pipeline.build import Stores
 from streams.runtime.processor import Processor
 from streams.runtime.snapshots import SnapshotStore, states_of
 from streams.settings import Settings
-from streams.transport.consumer import Event, dead_letter
+from streams.transport.consumer import Event, dead_letter, raise_if_fatal
 from streams.transport.producer import EventProducer
 from streams.transport.topics import MEMORY_OPS, partition_for, retry_kafka
 
@@ -183,9 +181,8 @@ class ViewsProcessor(Processor):
         changed: dict[str, Memory] = {}
         for msg in messages:
             if msg.error() is not None:
-                if msg.error().code() == KafkaError._PARTITION_EOF:
-                    continue
-                raise KafkaException(msg.error())
+                raise_if_fatal(msg.error())
+                continue
             p = msg.partition()
             table = self.folds.get(p)
             if table is None:

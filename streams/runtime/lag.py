@@ -12,7 +12,10 @@ def group_lag(settings: Settings, group: str, topic: str, timeout: float = 10.0)
     """Events of ``topic`` past ``group``'s committed offsets, over all partitions."""
     probe = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group})
     try:
-        partitions = probe.list_topics(topic, timeout=timeout).topics[topic].partitions
+        metadata = probe.list_topics(topic, timeout=timeout).topics[topic]
+        if metadata.error is not None or not metadata.partitions:
+            raise RuntimeError(f"{topic}: {metadata.error or 'no partitions yet'}")
+        partitions = metadata.partitions
         tps = [TopicPartition(topic, p) for p in partitions]
         total = 0
         for tp in retry_kafka(lambda: probe.committed(tps, timeout)):

@@ -17,7 +17,6 @@ from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
     KafkaError,
-    KafkaException,
     Message,
     TopicPartition,
 )
@@ -25,6 +24,7 @@ from confluent_kafka import (
 from processors.fold import Memory
 from streams.runtime.snapshots import SnapshotStore
 from streams.settings import Settings
+from streams.transport.consumer import raise_if_fatal
 from streams.transport.topics import retry_kafka
 
 
@@ -89,8 +89,9 @@ def read_partitions(
                 if msg.error() is not None:
                     if msg.error().code() == KafkaError._PARTITION_EOF:
                         todo.discard(p)  # at the last stable offset: nothing more to fold
-                        continue
-                    raise KafkaException(msg.error())
+                    else:
+                        raise_if_fatal(msg.error())
+                    continue
                 if p not in todo:
                     continue
                 handle(msg)

@@ -10,6 +10,7 @@ harmless).
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 import uuid
@@ -24,6 +25,23 @@ from streams.settings import Settings
 from streams.transport.events import utcnow
 from streams.transport.producer import EventProducer
 from streams.transport.topics import ALL_TOPICS, DLQ
+
+log = logging.getLogger("memstream.consumer")
+
+
+def raise_if_fatal(error: KafkaError) -> None:
+    """A consumer error event: raise if it is fatal, else log it and go on.
+
+    librdkafka reports transient conditions as error events and recovers from them by itself:
+    a topic created a moment ago and not yet in the metadata (UNKNOWN_TOPIC_OR_PART), a broker
+    restarting (_TRANSPORT), the end of a partition. A processor that failed on them would
+    restart for nothing, and all of them at once when a fresh deployment creates its topics.
+    """
+    if error.code() == KafkaError._PARTITION_EOF:
+        return
+    if error.fatal():
+        raise KafkaException(error)
+    log.warning("consumer: %s (transient, librdkafka retries)", error.str())
 
 
 class InvalidEvent(ValueError):
@@ -114,9 +132,8 @@ class EventConsumer:
         # The first message ends the wait; the rest is what is ready, or arrives within linger.
         for msg in [first, *self._consumer.consume(max_events - 1, linger)]:
             if msg.error() is not None:
-                if msg.error().code() == KafkaError._PARTITION_EOF:
-                    continue
-                raise KafkaException(msg.error())
+                raise_if_fatal(msg.error())
+                continue
             self._pending[(msg.topic(), msg.partition())] = msg.offset() + 1
             event = self._decode(msg)
             if event is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
@@ -12,6 +13,7 @@ from streams.api.deps import Service, service
 from streams.runtime.lag import group_lag
 from streams.transport.topics import COMMANDS, INTERACTIONS, MEMORY_OPS
 
+log = logging.getLogger("memstream.api")
 router = APIRouter(tags=["health"])
 ServiceDep = Annotated[Service, Depends(service)]
 
@@ -34,12 +36,18 @@ async def readyz(svc: ServiceDep) -> JSONResponse:
 
 
 def _lag(svc: Service) -> dict[str, int]:
+    """Group lag per input; -1 where the broker could not tell (a topic not in its metadata
+    yet, a broker away): unknown is never reported as drained."""
     s = svc.runtime.settings
-    return {
-        "interactions": group_lag(s, s.group("reader"), s.topic(INTERACTIONS.name)),
-        "commands": group_lag(s, s.group("reader"), s.topic(COMMANDS.name)),
-        "memory_ops": group_lag(s, s.group("views"), s.topic(MEMORY_OPS.name)),
-    }
+    lag = {}
+    for name, group, topic in (("interactions", "reader", INTERACTIONS), ("commands", "reader",
+                               COMMANDS), ("memory_ops", "views", MEMORY_OPS)):  # fmt: skip
+        try:
+            lag[name] = group_lag(s, s.group(group), s.topic(topic.name))
+        except Exception as exc:
+            log.warning("lag of %s unknown: %s", name, exc)
+            lag[name] = -1
+    return lag
 
 
 @router.get("/v1/status")
