@@ -93,7 +93,7 @@ def memory_from_record(r: dict[str, Any]) -> Memory:
         valid_to=r["valid_to"],
         source=r["source"],
         activated=r["activated"],
-        payload=json.loads(r["payload_json"]),
+        payload={} if r["payload_json"] == "{}" else json.loads(r["payload_json"]),
         caused_by=tuple(r["caused_by"]),
         supersedes=tuple(r["supersedes"]),
         superseded_by=r["superseded_by"],
