@@ -66,8 +66,15 @@ class ViewsProcessor(Processor):
         self.counters = {"ops_folded": 0, "ops_written": 0, "dead_lettered": 0, "snapshots": 0,
                          "snapshot_loads": 0}  # fmt: skip
 
+    def owns(self, cube_id: str) -> bool:
+        """Whether this worker follows the cube's ops (its partition is assigned here)."""
+        return partition_for(cube_id, self.settings.partitions) in self.folds
+
     def open(self) -> None:
         s = self.settings
+        # With N views workers a search may ask for a cube another one owns: it is read from
+        # the store each time, never kept (this worker would not see its changes).
+        self.stores.searcher.working_set.retain = self.owns
         self.topic = s.topic(MEMORY_OPS.name)
         self._dlq = EventProducer(s, self.codec)
         self._consumer = Consumer(

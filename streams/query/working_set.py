@@ -156,6 +156,9 @@ class WorkingSet:
         self._changes: dict[str, int] = {}
         self._lock = threading.Lock()
         self.loads = 0
+        #: Whether a cube loaded from the store may stay resident: only if this process follows
+        #: its changes (the views processor sets it to "my partitions' cubes").
+        self.retain: Callable[[str], bool] = lambda cube_id: True
 
     def stats(self) -> dict[str, int]:
         """Resident cubes and memories, the budget, and cubes read from the store so far."""
@@ -224,6 +227,11 @@ class WorkingSet:
                 if self._changes.get(cube_id, 0) != seen:
                     continue  # the view changed while it was read: read it again
                 self._loading.discard(cube_id)
+                if not self.retain(cube_id):
+                    # Another worker keeps this cube's view current and this one would not see
+                    # its changes: answer from the store, keep nothing that could go stale.
+                    transient = _Cube(rows)
+                    return _build(transient.rows, transient.vectors), loaded
                 cube = self._cubes.setdefault(cube_id, _Cube(rows))
                 self._cold.discard(cube_id)
                 self._evict()

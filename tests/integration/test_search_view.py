@@ -182,3 +182,20 @@ def test_eviction_and_writes_during_a_load_lose_nothing(tmp_path: Path, embedder
     snapshot, loaded = working_set.snapshot("cube-c")
     assert loaded and calls == ["cube-c", "cube-c"]
     assert snapshot.ids == ["cube-c-m0", "cube-c-m1"]
+
+
+def test_a_cube_this_worker_does_not_follow_is_never_kept(tmp_path: Path, embedder) -> None:  # type: ignore[no-untyped-def]
+    """With N views workers, a cube owned by another one is read from the store every time: a
+    resident copy would miss the owner's later writes."""
+    sink = view(tmp_path)
+    first = memories(embedder, "cube-x", 3)
+    sink.write(first[:2])
+    sink.flush()
+    searcher = Searcher(sink, embedder)
+    searcher.working_set.retain = lambda cube_id: cube_id != "cube-x"
+    assert len(searcher.working_set.snapshot("cube-x")[0].ids) == 2
+    assert not searcher.working_set.resident("cube-x")
+    sink.write(first[2:])  # the owner writes; this worker never sees the op
+    sink.flush()
+    assert len(searcher.working_set.snapshot("cube-x")[0].ids) == 3
+    assert searcher.working_set.loads == 2
