@@ -23,3 +23,11 @@ def milvus_server(
     data_dir = tmp_path_factory.mktemp("milvus-server")
     with MilvusServer(data_dir, tools_dir=base_settings.tools_dir) as server:
         yield server.uri
+
+
+@pytest.fixture(scope="session")
+def chdb_dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One embedded ClickHouse directory for every runtime built inside the test process: chdb
+    runs one engine per process and refuses a second path (``MEMSTREAM_CLICKHOUSE_URL`` may
+    name a ``chdb://`` directory explicitly)."""
+    return f"chdb://{tmp_path_factory.mktemp('chdb')}"

@@ -34,9 +34,13 @@ def embedder(settings: Settings) -> Embedder:
 
 @pytest.fixture(scope="module")
 def runtime(
-    settings: Settings, embedder: Embedder, tmp_path_factory: pytest.TempPathFactory
+    settings: Settings,
+    embedder: Embedder,
+    tmp_path_factory: pytest.TempPathFactory,
+    chdb_dsn: str,
 ) -> Runtime:
     s = settings.model_copy(update={"data_dir": tmp_path_factory.mktemp("runtime"),
+                                    "clickhouse_url": chdb_dsn,
                                     "topic_prefix": f"rt-{uuid.uuid4().hex[:8]}."})  # fmt: skip
     ensure_topics(s)
     return build_runtime(s, "all", embedder=embedder)

@@ -32,10 +32,16 @@ TURNS = [
 
 
 def test_views_write_a_milvus_server_and_a_cold_process_searches_it(
-    settings: Settings, milvus_server: str, tmp_path: Path
+    settings: Settings, milvus_server: str, tmp_path: Path, chdb_dsn: str
 ) -> None:
-    s = settings.model_copy(update={"milvus_uri": milvus_server, "data_dir": tmp_path,
-                                    "topic_prefix": f"srv-{uuid.uuid4().hex[:8]}."})  # fmt: skip
+    s = settings.model_copy(
+        update={
+            "milvus_uri": milvus_server,
+            "data_dir": tmp_path,
+            "clickhouse_url": chdb_dsn,
+            "topic_prefix": f"srv-{uuid.uuid4().hex[:8]}.",
+        }
+    )
     ensure_topics(s)
     embedder = embedder_for(s)
     runtime = build_runtime(s, "all", embedder=embedder)
