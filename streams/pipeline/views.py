@@ -129,7 +129,9 @@ class ViewsProcessor(Processor):
         for tp in partitions:
             p = tp.partition
             done = max(committed.get(p, -1), 0)
-            _, end = consumer.get_watermark_offsets(TopicPartition(self.topic, p), 30)
+            _, end = retry_kafka(
+                lambda p=p: consumer.get_watermark_offsets(TopicPartition(self.topic, p), 30)
+            )
             self.ends[p] = end
             if p in self.folds:  # kept across the rebalance: resume where it was committed
                 starts.append(TopicPartition(self.topic, p, done if done > 0 else OFFSET_BEGINNING))

@@ -13,6 +13,7 @@ step for ``stall_s`` seconds (hung).
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -97,8 +98,15 @@ class Host:
                     if slot.failures and slot.last_step - slot.failures[-1] > self.window_s:
                         slot.failures.clear()
                         backoff = 0.5
-            except Exception as exc:
-                log.exception("processor %s failed", slot.name)
+            except:  # noqa: E722 (librdkafka can raise a KafkaError, not an exception, from a
+                # rebalance callback: `except BaseException` misses it and the thread would die)
+                exc = sys.exc_info()[1]
+                log.error(
+                    "processor %s failed: %r",
+                    slot.name,
+                    exc,
+                    exc_info=isinstance(exc, BaseException),
+                )
                 slot.state = "failed"
                 slot.last_error = f"{type(exc).__name__}: {exc}"
                 slot.failures.append(time.monotonic())

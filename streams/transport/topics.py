@@ -144,6 +144,9 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
 
 
 RETRIABLE = {
+    KafkaError.NOT_LEADER_FOR_PARTITION,  # a topic created a moment ago: leaders being elected
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
     KafkaError.NOT_COORDINATOR,
     KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
     KafkaError.COORDINATOR_NOT_AVAILABLE,
