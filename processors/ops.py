@@ -1,4 +1,4 @@
-"""Building memory ops: deterministic ids and the op record of ``MemoryOp.v1.avsc``.
+"""Building memory ops: deterministic ids and the op record of ``MemoryOp.v2.avsc``.
 
 Ids are derived from the source, never drawn at random, so reprocessing an interaction after a
 crash or a rebalance emits byte-identical ops, which the fold and every sink drop by event id.
@@ -20,15 +20,25 @@ ACTIVATION_PAYLOAD = "memstream.v1.ActivationPayload"
 PARAMETER_PAYLOAD = "memstream.v1.ParameterPayload"
 
 
-def memory_id(cube_id: str, source_event_id: str, item_index: int) -> str:
-    """The id of the memory that item ``item_index`` of a source event creates."""
-    return str(uuid.uuid5(NAMESPACE, f"memory/{cube_id}/{source_event_id}/{item_index}"))
+def _generation(generation: int) -> str:
+    # Generation 0 keeps the ids of logs written before generations existed.
+    return f"g{generation}/" if generation else ""
 
 
-def op_event_id(source_event_id: str, item_index: int, kind: str, memory_id: str) -> str:
+def memory_id(cube_id: str, source_event_id: str, item_index: int, generation: int = 0) -> str:
+    """The id of the memory that item ``item_index`` of a source event creates (each
+    re-extraction of the log, a generation, has its own ids: both live in the log side by side)."""
+    name = f"{_generation(generation)}memory/{cube_id}/{source_event_id}/{item_index}"
+    return str(uuid.uuid5(NAMESPACE, name))
+
+
+def op_event_id(
+    source_event_id: str, item_index: int, kind: str, memory_id: str, generation: int = 0
+) -> str:
     """The event id of the ``kind`` op on ``memory_id`` that item ``item_index`` of a source
     yields (one item may yield ops on two memories: the new one and the one it replaces)."""
-    return str(uuid.uuid5(NAMESPACE, f"op/{source_event_id}/{item_index}/{kind}/{memory_id}"))
+    name = f"{_generation(generation)}op/{source_event_id}/{item_index}/{kind}/{memory_id}"
+    return str(uuid.uuid5(NAMESPACE, name))
 
 
 def embedding_bytes(vector: Sequence[float] | np.ndarray) -> bytes:
@@ -80,6 +90,8 @@ def make_op(
     superseded_by: str | None = None,
     reason: str = "",
     payload: tuple[str, dict[str, Any]] | None = None,
+    generation: int = 0,
+    reader_version: str = "",
 ) -> dict[str, Any]:
     """A MemoryOp record ready for the codec (the payload union branch named explicitly)."""
     return {
@@ -95,6 +107,8 @@ def make_op(
         "supersedes": list(supersedes),
         "superseded_by": superseded_by,
         "reason": reason,
+        "generation": generation,
+        "reader_version": reader_version,
         "payload": payload,
     }
 

@@ -53,12 +53,16 @@ class MemReader:
         embedder: Embedder,
         memories: CubeMemories,
         merge_threshold: float = 0.95,
+        generation: int = 0,
     ) -> None:
         self.extractor = extractor
         self.embedder = embedder
         self.memories = memories
         self.merge_threshold = merge_threshold
+        self.generation = generation
         self.actor = f"memreader/{extractor.name}"
+        #: What decided the ops, recorded on each: a re-extraction is compared by it.
+        self.version = f"{self.actor} {embedder.model_id} merge={merge_threshold:g}"
 
     def process(self, batch: list[Sourced]) -> list[dict[str, Any]]:
         """The ops for a batch, in the order they must be published (and already folded)."""
@@ -78,10 +82,9 @@ class MemReader:
             ops.extend(self._fuse(source, index, item, vector))
         return ops
 
-    @staticmethod
-    def _memory_id(source: Sourced, index: int) -> str:
+    def _memory_id(self, source: Sourced, index: int) -> str:
         i = source.interaction
-        return memory_id(i["cube_id"], i["event_id"], index)
+        return memory_id(i["cube_id"], i["event_id"], index, self.generation)
 
     def _fuse(self, source: Sourced, index: int, item: Any, vector: Any) -> list[dict[str, Any]]:
         i = source.interaction
@@ -100,13 +103,15 @@ class MemReader:
 
         def op(kind: str, target: str, version: int, **fields: Any) -> dict[str, Any]:
             return make_op(
-                event_id=op_event_id(event, index, kind, target),
+                event_id=op_event_id(event, index, kind, target, self.generation),
                 cube_id=cube,
                 memory_id=target,
                 version=version,
                 op=kind,
                 event_time=at,
                 actor=self.actor,
+                generation=self.generation,
+                reader_version=self.version,
                 **fields,
             )
 

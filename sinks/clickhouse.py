@@ -2,6 +2,11 @@
 
 Tables are ReplacingMergeTree ordered by a key that ends in the event id, so an op delivered
 twice collapses to one row; readers that must count exactly use ``FINAL``.
+
+Ops live in one table per view generation (``memory_ops_g<N>``, see
+:mod:`streams.runtime.generations`); ``memory_ops`` and ``memory_versions`` are views of the
+current one (already ``FINAL``), replaced in one statement each when a rebuilt generation takes
+over, so audit SQL never names a generation.
 """
 
 from __future__ import annotations
@@ -14,9 +19,8 @@ from typing import Any
 from processors.ops import payload_of
 from streams.transport.consumer import Event
 
-DDL = [
-    """
-    CREATE TABLE IF NOT EXISTS memory_ops (
+OPS_TABLE_DDL = """
+    CREATE TABLE IF NOT EXISTS {table} (
         event_id String,
         cube_id String,
         memory_id String,
@@ -29,6 +33,7 @@ DDL = [
         supersedes Array(String),
         superseded_by Nullable(String),
         reason String,
+        generation UInt32 DEFAULT 0,
         text Nullable(String),
         key Nullable(String),
         tags Array(String),
@@ -41,7 +46,8 @@ DDL = [
         ingested_at DateTime64(3, 'UTC') DEFAULT now64(3)
     ) ENGINE = ReplacingMergeTree
     ORDER BY (cube_id, memory_id, version, event_id)
-    """,
+"""
+DDL = [
     """
     CREATE TABLE IF NOT EXISTS queries (
         event_id String,
@@ -81,18 +87,14 @@ DDL = [
     ) ENGINE = ReplacingMergeTree
     ORDER BY (cube_id, command_id, event_id)
     """,
-    """
-    CREATE OR REPLACE VIEW memory_versions AS
-    SELECT memory_id, cube_id, version, op, event_time, text, key, valid_from, valid_to,
-           superseded_by, supersedes, caused_by, reason, actor, partition, offset
-    FROM memory_ops FINAL
-    """,
 ]
+VERSION_COLUMNS = """memory_id, cube_id, version, op, event_time, text, key, valid_from,
+    valid_to, superseded_by, supersedes, caused_by, reason, actor, generation, partition, offset"""
 
 OP_COLUMNS = [
     "event_id", "cube_id", "memory_id", "version", "op", "memory_type", "event_time", "actor",
     "caused_by", "supersedes", "superseded_by", "reason", "text", "key", "tags", "valid_from",
-    "valid_to", "payload", "topic", "partition", "offset",
+    "valid_to", "payload", "generation", "topic", "partition", "offset",
 ]  # fmt: skip
 RESULT_COLUMNS = [
     "event_id", "command_id", "cube_id", "memory_id", "command", "issued_by", "status", "reason",
@@ -107,6 +109,9 @@ HISTORY_COLUMNS = [
     "memory_id", "version", "op", "event_time", "text", "key", "valid_from", "valid_to",
     "superseded_by", "supersedes", "caused_by", "reason", "actor", "partition", "offset",
 ]  # fmt: skip
+# The only tables audit SQL may read (sinks/audit_sql.py), by the names users see: views count
+# as themselves, so a generation table behind ``memory_ops`` need not (and may not) be named.
+AUDIT_TABLES = frozenset({"memory_ops", "memory_versions", "queries", "command_results"})
 
 
 def _json_default(value: Any) -> Any:
@@ -118,12 +123,44 @@ def _json_default(value: Any) -> Any:
 
 
 class ClickHouseSink:
-    """Inserts op and query rows; reads history and runs audit SQL."""
+    """Inserts op and query rows into one generation's tables; reads history and runs SQL."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, ops_table: str = "memory_ops_g0") -> None:
         self.client = client
-        for statement in DDL:
+        self.ops_table = ops_table
+        self._adopt_legacy_table()
+        for statement in (*DDL, OPS_TABLE_DDL.format(table=ops_table)):
             self.client.command(statement)
+        self._add_generation_column()
+
+    def _adopt_legacy_table(self) -> None:
+        """A store from before generations has a ``memory_ops`` table: it is generation 0."""
+        engine = self.query(
+            "SELECT engine FROM system.tables WHERE database = currentDatabase() "
+            "AND name = 'memory_ops'"
+        )
+        if engine and engine[0]["engine"] != "View":
+            self.client.command("RENAME TABLE memory_ops TO memory_ops_g0")
+
+    def _add_generation_column(self) -> None:
+        self.client.command(
+            f"ALTER TABLE {self.ops_table} ADD COLUMN IF NOT EXISTS generation UInt32 DEFAULT 0 "
+            "AFTER reason"
+        )
+
+    def activate(self) -> None:
+        """Make this generation's table the one ``memory_ops`` and ``memory_versions`` show."""
+        self.client.command(
+            f"CREATE OR REPLACE VIEW memory_ops AS SELECT * FROM {self.ops_table} FINAL"
+        )
+        self.client.command(
+            f"CREATE OR REPLACE VIEW memory_versions AS SELECT {VERSION_COLUMNS} "
+            f"FROM {self.ops_table} FINAL"
+        )
+
+    def drop(self) -> None:
+        """Drop this generation's ops table (a retired generation, after the switch)."""
+        self.client.command(f"DROP TABLE IF EXISTS {self.ops_table}")
 
     def write_ops(self, events: Sequence[Event]) -> int:
         rows = []
@@ -141,11 +178,11 @@ class ClickHouseSink:
                         {k: v for k, v in payload.items() if k != "embedding"},
                         default=_json_default,
                     ),
-                    e.topic, e.partition, e.offset,
+                    op.get("generation", 0), e.topic, e.partition, e.offset,
                 ]
             )  # fmt: skip
         if rows:
-            self.client.insert("memory_ops", rows, column_names=OP_COLUMNS)
+            self.client.insert(self.ops_table, rows, column_names=OP_COLUMNS)
         return len(rows)
 
     def write_queries(self, events: Sequence[Event]) -> int:
@@ -186,7 +223,7 @@ class ClickHouseSink:
                 break
             lineage |= frontier
             found = self.query(
-                f"SELECT {', '.join(HISTORY_COLUMNS)} FROM memory_versions "
+                f"SELECT {', '.join(HISTORY_COLUMNS)} FROM {self.ops_table} FINAL "
                 "WHERE memory_id IN {ids:Array(String)}",
                 {"ids": sorted(frontier)},
             )
@@ -203,5 +240,7 @@ class ClickHouseSink:
 
     def count_ops(self, cube_id: str | None = None) -> int:
         where = "WHERE cube_id = {c:String}" if cube_id else ""
-        rows = self.query(f"SELECT count() AS n FROM memory_ops FINAL {where}", {"c": cube_id})
+        rows = self.query(
+            f"SELECT count() AS n FROM {self.ops_table} FINAL {where}", {"c": cube_id}
+        )
         return int(rows[0]["n"])

@@ -18,6 +18,9 @@ from processors.fold import Memory
 from processors.ops import embedding_vector
 
 COLLECTION = "memories"
+#: The name other readers of the view use: an alias of the current generation's collection,
+#: moved in one call when a rebuilt generation takes over.
+ALIAS = "memories_live"
 FLUSH_EVERY = 10_000
 NO_TIME = -1
 OUTPUT_FIELDS = [
@@ -114,6 +117,19 @@ class MilvusSink:
         index = self.client.prepare_index_params()
         index.add_index("vector", index_type=self.vector_index, metric_type="COSINE")
         self.client.create_collection(self.collection, schema=schema, index_params=index)
+
+    def activate(self) -> None:
+        """Point the :data:`ALIAS` at this collection."""
+        if ALIAS in self.client.list_aliases(self.collection).get("aliases", []):
+            return
+        try:
+            self.client.alter_alias(self.collection, ALIAS)
+        except Exception:  # pymilvus raises MilvusException when the alias does not exist yet
+            self.client.create_alias(self.collection, ALIAS)
+
+    def drop(self) -> None:
+        """Drop the collection (a retired generation's, after the switch)."""
+        self.client.drop_collection(self.collection)
 
     def write(self, memories: Iterable[Memory]) -> tuple[int, int]:
         """Upsert the searchable states, delete the others; return (upserted, deleted)."""

@@ -65,9 +65,13 @@ def milvus_client(settings: Settings) -> MilvusClient:
     return MilvusClient(uri=uri, token=token)
 
 
-def milvus_view(settings: Settings) -> MilvusSink:
+def milvus_view(
+    settings: Settings, collection: str = "memories", client: MilvusClient | None = None
+) -> MilvusSink:
     """The plaintext view, on milvus-lite or a server as configured (see :class:`MilvusSink`
     for what differs: the vector index, paging, sealing)."""
     from sinks.milvus import MilvusSink
 
-    return MilvusSink(milvus_client(settings), embedded=settings.milvus_is_embedded)
+    return MilvusSink(
+        client or milvus_client(settings), collection, embedded=settings.milvus_is_embedded
+    )

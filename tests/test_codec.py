@@ -180,7 +180,7 @@ def test_round_trip(name: str) -> None:
     assert data[2:10] == codec.registry.latest(name).fingerprint
     decoded = codec.decode(data)
     assert decoded.name == name
-    assert decoded.writer_version == 1
+    assert decoded.writer_version == codec.registry.latest(name).version
     for key, value in SAMPLES[name].items():
         if isinstance(value, tuple):
             value = value[1]
@@ -193,6 +193,15 @@ def test_round_trip(name: str) -> None:
 def test_fingerprint_is_crc64_avro_little_endian() -> None:
     # The Avro specification's test vector: CRC-64-AVRO("null") = 0x63dd24e7cc258f8a.
     assert schema_fingerprint("null") == (0x63DD24E7CC258F8A).to_bytes(8, "little")
+
+
+def test_a_v1_memory_op_reads_as_generation_0() -> None:
+    codec = Codec()
+    data = codec.encode("MemoryOp", SAMPLES["MemoryOp"], version=1)
+    decoded = codec.decode(data, reader="MemoryOp")
+    assert decoded.writer_version == 1
+    assert decoded.record["generation"] == 0
+    assert decoded.record["reader_version"] == ""
 
 
 @pytest.mark.parametrize(

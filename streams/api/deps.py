@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import HTTPException, Request
 
 from streams.pipeline.build import Stores
 from streams.pipeline.roles import Runtime
 from streams.pipeline.views import ViewsProcessor
+from streams.query.time_travel import TimeTravel
 from streams.transport.producer import EventProducer
 
 
@@ -18,6 +19,12 @@ class Service:
 
     runtime: Runtime
     producer: EventProducer
+    time_travel: TimeTravel = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.time_travel = TimeTravel(
+            self.runtime.settings, self.runtime.snapshots, self.runtime.codec
+        )
 
     def stores(self) -> Stores:
         """The view stores, or a 503 that says which role serves them."""

@@ -9,12 +9,17 @@ offset) before it handles any event of it, and it forgets a partition it lost. E
 command results and consumer offsets are one Kafka transaction: after a crash either all of them
 are in the log or none is. A transaction that fails (the group moved on: this worker was fenced)
 fails the processor; the host restarts it with a fold rebuilt from the log.
+
+Each instance writes one ops generation (:mod:`streams.runtime.generations`): its own group,
+transactional id, memory ids and fold. ``memstream replay --reextract`` runs a second one, for
+the next generation, from offset 0 of ``interactions`` beside the live one.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,8 +30,10 @@ from processors.embedder import Embedder
 from processors.extract import Extractor
 from processors.fold import FoldError
 from processors.fusion import CubeMemories
+from processors.ops import NAMESPACE
 from processors.reader import MemReader, Sourced
 from schemas import Codec, DecodeError
+from streams.runtime.generations import Generation
 from streams.runtime.partitions import restore_partitions
 from streams.runtime.processor import Processor
 from streams.runtime.snapshots import SnapshotStore
@@ -84,14 +91,19 @@ class ReaderProcessor(Processor):
         extractor: Extractor,
         snapshots: SnapshotStore,
         codec: Codec | None = None,
+        generation: Generation | None = None,
     ) -> None:
+        self.generation = generation or Generation()
         self.settings = settings
         self.codec = codec or Codec()
         self.embedder = embedder
         self.extractor = extractor
         self.snapshots = snapshots
         self.memories = CubeMemories(embedder.dim)
-        self.reader = MemReader(extractor, embedder, self.memories, settings.merge_threshold)
+        own = self.generation.reader_settings(settings)
+        self.reader = MemReader(
+            extractor, embedder, self.memories, own.merge_threshold, self.generation.ops
+        )
         self.owned: set[int] = set()
         self._revoked: set[int] = set()
         self._assigned_once = False
@@ -104,18 +116,19 @@ class ReaderProcessor(Processor):
         self._ops_topic = s.topic(MEMORY_OPS.name)
         self._results_topic = s.topic(COMMAND_RESULTS.name)
         self._commands_topic = s.topic(COMMANDS.name)
+        group = self.generation.reader_group(s)
         self._dlq = EventProducer(s, self.codec)
         self._transactions = EventProducer(
             s,
             self.codec,
             {
-                "transactional.id": f"{s.group('reader')}-{s.worker_id}",
+                "transactional.id": f"{group}-{s.worker_id}",
                 "transaction.timeout.ms": s.transaction_timeout_ms,
             },
         )
         self._consumer = EventConsumer(
             [s.topic(INTERACTIONS.name), self._commands_topic],
-            s.group("reader"),
+            group,
             s,
             self.codec,
             validator=interaction_validator(s),
@@ -148,7 +161,8 @@ class ReaderProcessor(Processor):
         if hasattr(self.extractor, "fallbacks"):  # the LLM extractor: interactions it could
             extra["llm_fallbacks"] = self.extractor.fallbacks  # not extract (rules instead)
         return {**self.counters, **extra, "partitions": sorted(self.owned),
-                "memories": len(self.memories)}  # fmt: skip
+                "memories": len(self.memories), "ops_generation": self.generation.ops,
+                "reader_version": self.reader.version}  # fmt: skip
 
     # partitions --------------------------------------------------------------------------------
 
@@ -184,7 +198,8 @@ class ReaderProcessor(Processor):
         """Fold the given partitions of memory-ops up to the end of the log."""
         began = time.monotonic()
         done = restore_partitions(self.settings, self.snapshots, self._ops_topic, partitions,
-                                  self.memories.load, self._fold_logged)  # fmt: skip
+                                  self.memories.load, self._fold_logged,
+                                  self.generation.snapshot_key(self._ops_topic))  # fmt: skip
         tail = sum(r.tail.messages for r in done.values())
         self.counters["catch_up_ops"] += tail
         self.counters["catch_up_s"] += time.monotonic() - began
@@ -197,7 +212,8 @@ class ReaderProcessor(Processor):
         in the dead-letter topic: one record per bad message)."""
         try:
             op = self.codec.decode(msg.value(), reader=MEMORY_OPS.record).record
-            self.memories.apply(op)
+            if op["generation"] == self.generation.ops:  # the fold of this extraction only
+                self.memories.apply(op)
         except (DecodeError, FoldError) as exc:
             self.counters["poison_ops"] += 1
             log.warning("skipping op at %s/%d@%d: %s", msg.topic(), msg.partition(),
@@ -238,10 +254,18 @@ class ReaderProcessor(Processor):
         self.counters["ops_emitted"] += len(outcome.ops)
         source = {"topic": event.topic, "partition": event.partition, "offset": event.offset}
         cube = command["cube_id"]
+        result = result_record(command, outcome, source)
+        ops = outcome.ops
+        if self.generation.ops:
+            # A command names memories of one extraction; each generation's writer answers it
+            # on its own record (and its ops belong to its generation).
+            ops = [{**op, "generation": self.generation.ops} for op in ops]
+            result["event_id"] = str(
+                uuid.uuid5(NAMESPACE, f"g{self.generation.ops}/{result['event_id']}")
+            )
         return [
-            *((self._ops_topic, MEMORY_OPS.record, cube, op) for op in outcome.ops),
-            (self._results_topic, COMMAND_RESULTS.record, cube,
-             result_record(command, outcome, source)),
+            *((self._ops_topic, MEMORY_OPS.record, cube, op) for op in ops),
+            (self._results_topic, COMMAND_RESULTS.record, cube, result),
         ]  # fmt: skip
 
 

@@ -13,35 +13,77 @@ Every role serves ``/healthz``, ``/readyz`` and ``/v1/status`` and accepts publi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from processors.embedder import Embedder
 from processors.extract import Extractor
 from schemas import Codec
 from streams.pipeline.agents import AccessStatsAgent
 from streams.pipeline.audit import AuditProcessor
-from streams.pipeline.build import Stores, default_extractor, embedder_for, snapshot_store
+from streams.pipeline.build import (
+    Stores,
+    default_extractor,
+    embedder_for,
+    generation_store,
+    snapshot_store,
+)
 from streams.pipeline.reader import ReaderProcessor
+from streams.pipeline.replay import GenerationWatcher, Replay
 from streams.pipeline.views import ViewsProcessor
+from streams.runtime.generations import Generation, GenerationStore
 from streams.runtime.host import Factory, Host
+from streams.runtime.snapshots import SnapshotStore
 from streams.settings import Settings
 
 ROLES: dict[str, tuple[str, ...]] = {
-    "reader": ("reader",),
-    "views": ("views", "audit", "access-stats"),
-    "all": ("reader", "views", "audit", "access-stats"),
+    "reader": ("reader", "generations"),
+    "views": ("views", "audit", "access-stats", "generations"),
+    "all": ("reader", "views", "audit", "access-stats", "generations"),
 }
 
 
 @dataclass
 class Runtime:
-    """A process's host and the shared parts its API needs (``stores`` only with views)."""
+    """A process's host and the shared parts its API needs (``stores`` only with views).
+
+    ``generation`` is the view generation its live processors build; ``stores`` are that
+    generation's (a replay switches both, see :mod:`streams.pipeline.replay`).
+    """
 
     settings: Settings
     role: str
     host: Host
     embedder: Embedder
     stores: Stores | None
+    generation: Generation = field(default_factory=Generation)
+    snapshots: SnapshotStore | None = None
+    generations: GenerationStore | None = None
+    codec: Codec = field(default_factory=Codec)
+    extractor: Extractor | None = None
+    replay: Replay = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.replay = Replay(self)
+
+    @property
+    def processors(self) -> tuple[str, ...]:
+        return ROLES[self.role]
+
+    def reader(self, generation: Generation) -> Factory:
+        """A factory of the writer of ``generation``'s extraction."""
+        if self.extractor is None or self.snapshots is None:
+            raise ValueError(f"role {self.role!r} runs no reader")
+        extractor, snapshots = self.extractor, self.snapshots
+        return lambda: ReaderProcessor(
+            self.settings, self.embedder, extractor, snapshots, self.codec, generation
+        )
+
+    def views(self, stores: Stores) -> Factory:
+        """A factory of the views processor that builds ``stores`` (one generation's)."""
+        if self.snapshots is None:
+            raise ValueError("no snapshot store")
+        snapshots = self.snapshots
+        return lambda: ViewsProcessor(self.settings, stores, snapshots, self.codec)
 
 
 def build_runtime(
@@ -51,25 +93,39 @@ def build_runtime(
     extractor: Extractor | None = None,
     extra: dict[str, Factory] | None = None,
 ) -> Runtime:
-    """Open the parts a role needs and a host with its processors (not started)."""
+    """Open the parts a role needs and a host with its processors (not started), for the
+    current generation; a replay in progress resumes with the generations processor."""
     role = role or settings.role
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r} (known: {', '.join(ROLES)})")
     names = ROLES[role]
-    codec = Codec()
     embedder = embedder or embedder_for(settings)
-    snapshots = snapshot_store(settings)
-    stores = Stores(settings, embedder) if "views" in names else None
+    generations = generation_store(settings)
+    current = generations.read().current
+    stores = Stores(settings, embedder, current) if "views" in names else None
+    if stores is not None:
+        stores.activate()
+    runtime = Runtime(
+        settings,
+        role,
+        Host({}),
+        embedder,
+        stores,
+        current,
+        snapshot_store(settings),
+        generations,
+        Codec(),
+        (extractor or default_extractor(settings)) if "reader" in names else None,
+    )
     factories: dict[str, Factory] = {}
     if "reader" in names:
-        the_extractor = extractor or default_extractor(settings)
-        factories["reader"] = lambda: ReaderProcessor(
-            settings, embedder, the_extractor, snapshots, codec
-        )
+        factories["reader"] = runtime.reader(current)
     if stores is not None:
-        factories["views"] = lambda: ViewsProcessor(settings, stores, snapshots, codec)
-        factories["audit"] = lambda: AuditProcessor(settings, stores, codec)
+        factories["views"] = runtime.views(stores)
+        factories["audit"] = lambda: AuditProcessor(settings, stores, runtime.codec)
     if "access-stats" in names:
-        factories["access-stats"] = lambda: AccessStatsAgent(settings, codec)
+        factories["access-stats"] = lambda: AccessStatsAgent(settings, runtime.codec)
+    factories["generations"] = lambda: GenerationWatcher(runtime)
     factories.update(extra or {})
-    return Runtime(settings, role, Host(factories), embedder, stores)
+    runtime.host = Host(factories)
+    return runtime

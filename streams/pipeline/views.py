@@ -7,6 +7,11 @@ committed offset are folded only (the stores have them), later ones are written 
 (undecodable, or refused by the fold) go to the dead-letter topic with their coordinates and the
 fold carries on. Every ``snapshot_every`` ops of a partition it writes a fold snapshot, which
 bounds the restart time of every worker (readers included).
+
+Each instance builds one view generation (:mod:`streams.runtime.generations`): its own consumer
+group, collection and ops table, and it folds only the ops of that generation's extraction. A
+replay is a second instance, for the next generation, that starts from offset 0 in its new group
+beside the live one.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from confluent_kafka import (
 from processors.fold import FoldError, Memory, MemoryTable
 from schemas import Codec, DecodeError
 from streams.pipeline.build import Stores
+from streams.runtime.generations import Generation
 from streams.runtime.processor import Processor
 from streams.runtime.snapshots import SnapshotStore, states_of
 from streams.settings import Settings
@@ -52,11 +58,13 @@ class ViewsProcessor(Processor):
     ) -> None:
         self.settings = settings
         self.stores = stores
+        self.generation: Generation = stores.generation
         self.snapshots = snapshots
         self.codec = codec or Codec()
         self.folds: dict[int, MemoryTable] = {}
         self.write_from: dict[int, int] = {}
         self.ends: dict[int, int] = {}
+        self.highs: dict[int, int] = {}
         self.positions: dict[int, int] = {}
         self.since_snapshot: dict[int, int] = {}
         self.folded: dict[int, int] = {}
@@ -64,7 +72,7 @@ class ViewsProcessor(Processor):
         self._assigned_once = False
         self._snapshotting: threading.Thread | None = None
         self.counters = {"ops_folded": 0, "ops_written": 0, "dead_lettered": 0, "snapshots": 0,
-                         "snapshot_loads": 0}  # fmt: skip
+                         "snapshot_loads": 0, "other_generation": 0}  # fmt: skip
 
     def owns(self, cube_id: str) -> bool:
         """Whether this worker follows the cube's ops (its partition is assigned here)."""
@@ -76,11 +84,12 @@ class ViewsProcessor(Processor):
         # the store each time, never kept (this worker would not see its changes).
         self.stores.searcher.working_set.retain = self.owns
         self.topic = s.topic(MEMORY_OPS.name)
+        self.snapshot_key = self.generation.snapshot_key(self.topic)
         self._dlq = EventProducer(s, self.codec)
         self._consumer = Consumer(
             {
                 "bootstrap.servers": s.kafka_bootstrap,
-                "group.id": s.group("views"),
+                "group.id": self.generation.views_group(s),
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "isolation.level": "read_committed",
@@ -106,9 +115,19 @@ class ViewsProcessor(Processor):
             self.positions.get(p, 0) >= end for p, end in self.ends.items()
         )
 
+    def caught_up(self) -> bool:
+        """At the end of every owned partition as of the last step (a generation may switch)."""
+        return self.ready() and all(
+            self.positions.get(p, 0) >= self.highs.get(p, 0) for p in self.folds
+        )
+
     def stats(self) -> dict[str, Any]:
         return {**self.counters, "partitions": sorted(self.folds),
-                "memories": sum(len(t.memories) for t in self.folds.values())}  # fmt: skip
+                "memories": sum(len(t.memories) for t in self.folds.values()),
+                "generation": self.generation.id, "ops_generation": self.generation.ops,
+                "offset": sum(self.positions.values()),
+                "end_offset": sum(max(self.highs.get(p, 0), self.ends.get(p, 0))
+                                  for p in self.folds)}  # fmt: skip
 
     def get(self, memory_id: str) -> Memory | None:
         """A memory's folded state, whatever its status (the API's memory lookup)."""
@@ -141,7 +160,7 @@ class ViewsProcessor(Processor):
             self.write_from[p] = done
             self.since_snapshot[p] = 0
             self.folded[p] = 0
-            snapshot = self.snapshots.latest(self.topic, p, at_most=done)
+            snapshot = self.snapshots.latest(self.snapshot_key, p, at_most=done)
             start = 0
             if snapshot is not None:
                 table.load(snapshot.states)
@@ -170,8 +189,8 @@ class ViewsProcessor(Processor):
         n = self.settings.partitions
         for p in partitions:
             self.folds.pop(p, None)
-            for d in (self.write_from, self.ends, self.positions, self.since_snapshot,
-                      self.folded):  # fmt: skip
+            for d in (self.write_from, self.ends, self.highs, self.positions,
+                      self.since_snapshot, self.folded):  # fmt: skip
                 d.pop(p, None)
         # The working set keeps what was searchable; a cube whose partition moved is read back
         # from the store on its next search instead of going stale here.
@@ -198,6 +217,9 @@ class ViewsProcessor(Processor):
                 continue  # revoked while fetched
             event = self._decode(msg)
             if event is None:
+                continue
+            if event.value.get("generation", 0) != self.generation.ops:
+                self.counters["other_generation"] += 1  # another extraction's view has it
                 continue
             try:
                 for state in table.apply(event.value):
@@ -249,6 +271,9 @@ class ViewsProcessor(Processor):
         for tp in self._consumer.position(assignment):
             if tp.offset >= 0 and tp.offset > self.positions.get(tp.partition, 0):
                 moved.append(TopicPartition(self.topic, tp.partition, tp.offset))
+            _, high = self._consumer.get_watermark_offsets(tp, cached=True)
+            if high >= 0:
+                self.highs[tp.partition] = high
         if moved:
             self._consumer.commit(offsets=moved, asynchronous=False)
             for tp in moved:
@@ -279,7 +304,7 @@ class ViewsProcessor(Processor):
 
         def write() -> None:
             try:
-                name = self.snapshots.save(self.topic, p, offset, folded, states)
+                name = self.snapshots.save(self.snapshot_key, p, offset, folded, states)
                 self.counters["snapshots"] += 1
                 log.info("views: snapshot %s (%d memories)", name, len(states))
             except Exception:

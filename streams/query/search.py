@@ -20,7 +20,7 @@ from threadpoolctl import threadpool_limits
 from processors.embedder import Embedder
 from processors.fold import Memory
 from sinks.milvus import MilvusSink, epoch_ms, quote
-from streams.query.working_set import WorkingSet
+from streams.query.working_set import WorkingSet, snapshot_of
 
 RRF_K = 60
 CANDIDATES = 50
@@ -91,11 +91,17 @@ class Searcher:
         until: datetime | None = None,
         tags: list[str] | None = None,
         include_history: bool = False,
+        memories: Iterable[Memory] | None = None,
     ) -> list[Result]:
+        """The cube's best ``top_k`` for ``query``: from the working set, or from the given
+        memory states (the cube as of a past point, see :mod:`streams.query.time_travel`)."""
         t0 = time.perf_counter()
         vector = self.embedder.encode([query])[0]
         t1 = time.perf_counter()
-        snapshot, _ = self.working_set.snapshot(cube_id)
+        if memories is not None:
+            snapshot = snapshot_of(memories)
+        else:
+            snapshot, _ = self.working_set.snapshot(cube_id)
         keep = snapshot.mask(since, until, tags, include_history)
         t2 = time.perf_counter()
         limit = max(CANDIDATES, top_k)

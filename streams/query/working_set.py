@@ -144,6 +144,15 @@ def _build(rows: dict[str, dict[str, Any]], vectors: dict[str, np.ndarray]) -> S
     )
 
 
+def snapshot_of(states: Iterable[Memory]) -> Snapshot:
+    """A snapshot of the searchable ones of some memory states (a cube as of a past point)."""
+    cube = _Cube()
+    for m in states:
+        if m.searchable and m.memory_type == "PLAINTEXT":
+            cube.put(row_fields(m), embedding_vector(m.embedding))
+    return _build(cube.rows, cube.vectors)
+
+
 class WorkingSet:
     """Resident cubes under a row budget, least recently searched evicted first; thread-safe."""
 

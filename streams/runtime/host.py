@@ -41,6 +41,7 @@ class Supervised:
     last_step: float = field(default_factory=time.monotonic)
     failures: deque[float] = field(default_factory=deque)
     thread: threading.Thread | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
 
 
 class Host:
@@ -60,22 +61,57 @@ class Host:
         self.stall_s = stall_s
         self.max_backoff_s = max_backoff_s
         self.failed = threading.Event()
-        self._stop = threading.Event()
+        self._started = False
+        self._lock = threading.Lock()
 
     def start(self) -> None:
-        for slot in self.slots.values():
-            slot.thread = threading.Thread(
-                target=self._supervise, args=(slot,), name=f"processor-{slot.name}", daemon=True
-            )
-            slot.thread.start()
+        self._started = True
+        for slot in list(self.slots.values()):
+            self._run(slot)
+
+    def _run(self, slot: Supervised) -> None:
+        slot.thread = threading.Thread(
+            target=self._supervise, args=(slot,), name=f"processor-{slot.name}", daemon=True
+        )
+        slot.thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Ask every processor to stop after its current step, and wait (bounded) for them."""
-        self._stop.set()
+        slots = list(self.slots.values())
+        for slot in slots:
+            slot.stop.set()
         deadline = time.monotonic() + timeout
-        for slot in self.slots.values():
+        for slot in slots:
             if slot.thread is not None:
                 slot.thread.join(max(0.0, deadline - time.monotonic()))
+
+    def add(self, name: str, factory: Factory) -> None:
+        """Host one more processor (a replay's next generation), started at once if the host
+        runs."""
+        with self._lock:
+            if name in self.slots:
+                raise ValueError(f"processor {name!r} is already hosted")
+            slot = self.slots[name] = Supervised(name, factory)
+        if self._started:
+            self._run(slot)
+
+    def remove(self, name: str, timeout: float = 30.0) -> None:
+        """Stop one processor (after its current step) and forget it."""
+        with self._lock:
+            slot = self.slots.pop(name, None)
+        if slot is not None:
+            slot.stop.set()
+            if slot.thread is not None:
+                slot.thread.join(timeout)
+
+    def promote(self, source: str, target: str, timeout: float = 30.0) -> None:
+        """Let the running ``source`` take ``target``'s place: ``target`` is stopped, and
+        ``source`` goes on, undisturbed, under the name ``target`` (a generation switch)."""
+        self.remove(target, timeout)
+        with self._lock:
+            slot = self.slots.pop(source)
+            slot.name = target
+            self.slots[target] = slot
 
     def get(self, name: str) -> Processor | None:
         """The current instance of a processor (a restart replaces it)."""
@@ -86,13 +122,13 @@ class Host:
 
     def _supervise(self, slot: Supervised) -> None:
         backoff = 0.5
-        while not self._stop.is_set():
+        while not slot.stop.is_set():
             slot.state = "starting"
             try:
                 slot.instance = slot.factory()
                 slot.instance.open()
                 slot.state = "running"
-                while not self._stop.is_set():
+                while not slot.stop.is_set():
                     slot.instance.step()
                     slot.last_step = time.monotonic()
                     if slot.failures and slot.last_step - slot.failures[-1] > self.window_s:
@@ -112,7 +148,7 @@ class Host:
                 slot.failures.append(time.monotonic())
             finally:
                 self._close(slot)
-            if self._stop.is_set():
+            if slot.stop.is_set():
                 break
             while slot.failures and time.monotonic() - slot.failures[0] > self.window_s:
                 slot.failures.popleft()
@@ -123,7 +159,7 @@ class Host:
                 return
             slot.state = "restarting"
             slot.restarts += 1
-            self._stop.wait(backoff)
+            slot.stop.wait(backoff)
             backoff = min(backoff * 2, self.max_backoff_s)
         slot.state = "stopped"
 
@@ -164,7 +200,7 @@ class Host:
         }
 
     def health(self) -> dict[str, dict[str, Any]]:
-        return {name: self.processor_health(slot) for name, slot in self.slots.items()}
+        return {name: self.processor_health(slot) for name, slot in list(self.slots.items())}
 
     def ready(self) -> bool:
         return not self.failed.is_set() and all(h["ready"] for h in self.health().values())

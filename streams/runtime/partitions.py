@@ -55,9 +55,11 @@ def read_partitions(
     starts: dict[int, int],
     handle: Callable[[Message], None],
     batch: int = 5000,
+    until: dict[int, int] | None = None,
 ) -> dict[int, CaughtUp]:
     """:func:`read_partition` for several partitions at once, with one consumer (each
-    partition's messages in order; a worker given six partitions fetches them together)."""
+    partition's messages in order; a worker given six partitions fetches them together).
+    ``until`` stops a partition before that offset instead (time travel: the log as it was)."""
     began = time.monotonic()
     consumer = Consumer(
         {
@@ -77,6 +79,8 @@ def read_partitions(
             )[1]
             for p in starts
         }
+        for p, stop in (until or {}).items():
+            ends[p] = min(ends[p], stop)
         positions = {p: max(start, 0) for p, start in starts.items()}
         counts = dict.fromkeys(starts, 0)
         todo = {p for p in starts if ends[p] > positions[p]}
@@ -92,7 +96,8 @@ def read_partitions(
                     else:
                         raise_if_fatal(msg.error())
                     continue
-                if p not in todo:
+                if p not in todo or msg.offset() >= ends[p]:
+                    todo.discard(p)
                     continue
                 handle(msg)
                 counts[p] += 1
@@ -101,7 +106,9 @@ def read_partitions(
             # The fetch position steps over transaction markers, unlike last offset + 1.
             for tp in consumer.position([TopicPartition(topic, p) for p in starts]):
                 if tp.offset >= 0:
-                    positions[tp.partition] = max(positions[tp.partition], tp.offset)
+                    positions[tp.partition] = min(
+                        max(positions[tp.partition], tp.offset), ends[tp.partition]
+                    )
                     if tp.offset >= ends[tp.partition]:
                         todo.discard(tp.partition)
         seconds = time.monotonic() - began
@@ -126,12 +133,15 @@ def restore_partitions(
     partitions: list[int],
     load: Callable[[list[Memory]], None],
     handle: Callable[[Message], None],
+    snapshot_key: str | None = None,
 ) -> dict[int, Restored]:
-    """:func:`restore_partition` for several partitions: their snapshots, then one read of all
-    their tails together."""
+    """:func:`restore_partition` for several partitions: their snapshots (kept under
+    ``snapshot_key``, the topic by default), then one read of all their tails together."""
     starts, found = {}, {}
     for p in partitions:
-        snapshot = snapshots.latest(topic, p) if snapshots is not None else None
+        snapshot = (
+            snapshots.latest(snapshot_key or topic, p) if snapshots is not None else None
+        )
         if snapshot is not None:
             load(snapshot.states)
         starts[p] = snapshot.next_offset if snapshot else 0

@@ -38,12 +38,13 @@ async def readyz(svc: ServiceDep) -> JSONResponse:
 def _lag(svc: Service) -> dict[str, int]:
     """Group lag per input; -1 where the broker could not tell (a topic not in its metadata
     yet, a broker away): unknown is never reported as drained."""
-    s = svc.runtime.settings
+    s, generation = svc.runtime.settings, svc.runtime.generation
+    reader, views = generation.reader_group(s), generation.views_group(s)
     lag = {}
-    for name, group, topic in (("interactions", "reader", INTERACTIONS), ("commands", "reader",
-                               COMMANDS), ("memory_ops", "views", MEMORY_OPS)):  # fmt: skip
+    for name, group, topic in (("interactions", reader, INTERACTIONS), ("commands", reader,
+                               COMMANDS), ("memory_ops", views, MEMORY_OPS)):  # fmt: skip
         try:
-            lag[name] = group_lag(s, s.group(group), s.topic(topic.name))
+            lag[name] = group_lag(s, group, s.topic(topic.name))
         except Exception as exc:
             log.warning("lag of %s unknown: %s", name, exc)
             lag[name] = -1
@@ -56,7 +57,9 @@ async def status(svc: ServiceDep) -> dict[str, Any]:
     host = svc.runtime.host
     health = host.health()
     counters: dict[str, Any] = {}
-    for h in health.values():
+    for name, h in health.items():
+        if name.endswith("-next"):  # a replay's processors: see /v1/replay
+            continue
         counters.update({k: v for k, v in h["stats"].items() if isinstance(v, int | float)})
     failure = None
     if host.failed.is_set():
@@ -64,6 +67,7 @@ async def status(svc: ServiceDep) -> dict[str, Any]:
     stores = svc.runtime.stores
     return {
         "role": svc.runtime.role,
+        "generation": svc.runtime.generation.id,
         "worker_id": svc.runtime.settings.worker_id,
         "caught_up": host.ready(),
         "running": host.live(),

@@ -12,8 +12,10 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Query
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
+from sinks.milvus import row_fields
 from streams.api.deps import Service, service
 from streams.query.search import build_filter
+from streams.query.time_travel import PastView, Point, parse_point
 from streams.transport.events import Interaction, Role, utcnow
 from streams.transport.producer import ContentTooLarge
 from streams.transport.topics import QUERIES
@@ -62,6 +64,30 @@ class SearchResponse(BaseModel):
     query_id: str
     hits: list[SearchHit]
     timing_ms: dict[str, float]
+    as_of: dict[int, int] | None = Field(
+        default=None, description="With as_of: the log offset per partition the fold stopped at."
+    )
+
+
+AsOf = Annotated[
+    str | None,
+    Query(
+        description="A past point: an ISO 8601 time (what memstream had recorded by then) or "
+        "an offset of the cube's memory-ops partition. The answer is folded from the log."
+    ),
+]
+
+
+def _point(as_of: str) -> Point:
+    try:
+        return parse_point(as_of)
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from exc
+
+
+async def _past(svc: Service, cube_id: str, as_of: str) -> PastView:
+    point = _point(as_of)
+    return await run_in_threadpool(svc.time_travel.cube, cube_id, point, svc.runtime.generation)
 
 
 @router.post("/v1/cubes/{cube_id}/interactions", response_model=list[Published])
@@ -101,13 +127,17 @@ async def search(
     tags: Annotated[list[str] | None, Query()] = None,
     include_history: bool = False,
     actor: str = "api",
+    as_of: AsOf = None,
 ) -> SearchResponse:
-    """Hybrid search (dense + BM25, fused by RRF); publishes a QueryEvent."""
+    """Hybrid search (dense + BM25, fused by RRF); publishes a QueryEvent. With ``as_of``:
+    over the cube's memories as they were then (folded from the log)."""
     searcher = svc.stores().searcher
     started = time.perf_counter()
+    past = await _past(svc, cube_id, as_of) if as_of else None
 
     def run() -> tuple[list[Any], dict[str, float]]:
-        found = searcher.search(cube_id, q, top_k, since, until, tags, include_history)
+        found = searcher.search(cube_id, q, top_k, since, until, tags, include_history,
+                                memories=past.memories if past else None)  # fmt: skip
         return found, searcher.last_timing  # same thread: this search's timing
 
     results, timing = await run_in_threadpool(run)
@@ -142,15 +172,25 @@ async def search(
         )
         for r in results
     ]  # fmt: skip
-    return SearchResponse(query_id=query_id, hits=hits, timing_ms={**timing, "total_ms": latency})
+    return SearchResponse(
+        query_id=query_id,
+        hits=hits,
+        timing_ms={**timing, "total_ms": latency},
+        as_of=past.offsets if past else None,
+    )
 
 
 @router.get("/v1/memories/{memory_id}")
-async def memory(memory_id: str, svc: ServiceDep) -> dict[str, Any]:
-    """The memory's current state (any status), from the fold of the log."""
+async def memory(memory_id: str, svc: ServiceDep, as_of: AsOf = None) -> dict[str, Any]:
+    """The memory's state (any status), from the fold of the log: now, or as of a past point."""
     found = svc.views().get(memory_id)
     if found is None:
         raise HTTPException(404, f"no memory {memory_id}")
+    if as_of:
+        past = await _past(svc, found.cube_id, as_of)
+        found = next((m for m in past.memories if m.memory_id == memory_id), None)
+        if found is None:
+            raise HTTPException(404, f"memory {memory_id} did not exist yet at {as_of}")
     body = asdict(found)
     body.pop("embedding")
     return body
@@ -167,8 +207,15 @@ async def history(memory_id: str, svc: ServiceDep) -> list[dict[str, Any]]:
 
 @router.get("/v1/cubes/{cube_id}/memories")
 async def memories(
-    cube_id: str, svc: ServiceDep, limit: Annotated[int, Query(ge=1, le=16384)] = 1000
+    cube_id: str,
+    svc: ServiceDep,
+    limit: Annotated[int, Query(ge=1, le=16384)] = 1000,
+    as_of: AsOf = None,
 ) -> list[dict[str, Any]]:
-    """The cube's rows in the plaintext view (Milvus), without vectors."""
+    """The cube's rows in the plaintext view (Milvus), without vectors; with ``as_of``, the
+    rows it had then (active memories, with the versions they had), folded from the log."""
+    if as_of:
+        past = await _past(svc, cube_id, as_of)
+        return [row_fields(m) for m in past.memories if m.searchable][:limit]
     expr = build_filter(cube_id, include_history=True)
     return await run_in_threadpool(svc.stores().rows, expr, limit)

@@ -1,0 +1,187 @@
+"""Replay: build the next view generation beside the live one, then switch to it in one step.
+
+``memstream replay --rebuild`` asks for a new generation of the views of the same extraction:
+a second views processor, in a new consumer group, refolds ``memory-ops`` from offset 0 through
+the same fold into a new Milvus collection, a new ClickHouse ops table and a new working set,
+while the live one keeps serving. ``--reextract`` asks for a new extraction too: a second
+reader, in a new group, rereads ``interactions`` from offset 0 and writes the next ops
+generation into the log beside the old one (its ops carry the generation and reader version).
+
+Every process runs a :class:`GenerationWatcher`, which follows the pointer in MinIO
+(:mod:`streams.runtime.generations`): it hosts the next generation's processors of its role
+(so an interrupted replay resumes where its groups committed), and a views process switches
+when the next generation has caught up: its Milvus alias and ClickHouse views, the API's
+stores, then the processors (the new ones go on under the live names, the old ones stop), and
+only then drops the old generation's collection and table.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from confluent_kafka.admin import AdminClient
+
+from streams.pipeline.build import Stores
+from streams.pipeline.views import ViewsProcessor
+from streams.runtime.generations import Generation, GenerationState, GenerationStore, Kind
+from streams.runtime.lag import group_lag
+from streams.runtime.processor import Processor
+from streams.transport.topics import COMMANDS, INTERACTIONS, MEMORY_OPS
+
+if TYPE_CHECKING:
+    from streams.pipeline.roles import Runtime
+
+log = logging.getLogger("memstream.replay")
+NEXT_VIEWS, NEXT_READER = "views-next", "reader-next"
+
+
+class Replay:
+    """Starts replays and carries out what the generation pointer says, for one process."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.next_stores: Stores | None = None
+        self.switches = 0
+        self._lock = threading.RLock()
+
+    @property
+    def _store(self) -> GenerationStore:
+        if self.runtime.generations is None:
+            raise RuntimeError("this runtime has no generation store")
+        return self.runtime.generations
+
+    def state(self) -> GenerationState:
+        return self._store.read()
+
+    def start(self, kind: Kind, reader: dict[str, Any] | None = None) -> GenerationState:
+        """Begin building the next generation (``GenerationBusy`` while one is building)."""
+        with self._lock:
+            state = self._store.read().begin(kind, reader)
+            self._store.write(state)
+            log.info("replay: building generation %d (%s, ops generation %d)", state.next.id,
+                     kind, state.next.ops)  # fmt: skip
+        self.sync(state)
+        return state
+
+    def sync(self, state: GenerationState | None = None) -> GenerationState:
+        """Make this process's processors match the pointer; switch when the next generation
+        has caught up (a views process)."""
+        with self._lock:
+            state = state or self._store.read()
+            rt = self.runtime
+            if state.current.id != rt.generation.id:
+                self._follow(state.current)
+            nxt = state.next
+            if nxt is None:
+                return state
+            if rt.stores is not None and NEXT_VIEWS not in rt.host.slots:
+                self.next_stores = rt.stores.for_generation(nxt)
+                rt.host.add(NEXT_VIEWS, rt.views(self.next_stores))
+            if (
+                "reader" in rt.processors
+                and nxt.ops != state.current.ops
+                and NEXT_READER not in rt.host.slots
+            ):
+                rt.host.add(NEXT_READER, rt.reader(nxt))
+            if rt.stores is not None and self._caught_up(state):
+                state = self._switch(state)
+            return state
+
+    def _caught_up(self, state: GenerationState) -> bool:
+        nxt, s = state.next, self.runtime.settings
+        assert nxt is not None
+        views = self.runtime.host.get(NEXT_VIEWS)
+        if not isinstance(views, ViewsProcessor) or not views.caught_up():
+            return False
+        if nxt.ops != state.current.ops:
+            group = nxt.reader_group(s)
+            for topic in (INTERACTIONS, COMMANDS):
+                if group_lag(s, group, s.topic(topic.name)) != 0:
+                    return False
+        return group_lag(s, nxt.views_group(s), s.topic(MEMORY_OPS.name)) == 0
+
+    def _switch(self, state: GenerationState) -> GenerationState:
+        rt, new_stores = self.runtime, self.next_stores
+        assert new_stores is not None and rt.stores is not None
+        switched = state.switched()
+        old_stores, old = rt.stores, state.current
+        new_stores.activate()
+        rt.stores = new_stores  # the API answers from the new generation from here on
+        self._store.write(switched)
+        self._follow(switched.current)
+        self.switches += 1
+        log.info("replay: switched the views from generation %d to %d", old.id,
+                 switched.current.id)  # fmt: skip
+        try:
+            old_stores.drop()
+            self._delete_group(old.views_group(rt.settings))
+        except Exception:
+            log.exception("replay: dropping generation %d failed (drop it by hand)", old.id)
+        return switched
+
+    def _follow(self, current: Generation) -> None:
+        """The live processors become those of ``current`` (promoted, or started afresh)."""
+        rt, host = self.runtime, self.runtime.host
+        if rt.stores is not None:
+            if NEXT_VIEWS in host.slots:
+                host.promote(NEXT_VIEWS, "views")
+                if self.next_stores is not None:
+                    rt.stores = self.next_stores
+            elif rt.stores.generation.id != current.id:
+                rt.stores = rt.stores.for_generation(current)
+                host.remove("views")
+                host.add("views", rt.views(rt.stores))
+            self.next_stores = None
+        if "reader" in rt.processors:
+            if NEXT_READER in host.slots:
+                host.promote(NEXT_READER, "reader")
+            elif rt.generation.ops != current.ops:
+                host.remove("reader")
+                host.add("reader", rt.reader(current))
+        rt.generation = current
+
+    def _delete_group(self, group: str) -> None:
+        admin = AdminClient({"bootstrap.servers": self.runtime.settings.kafka_bootstrap})
+        for future in admin.delete_consumer_groups([group], request_timeout=10).values():
+            future.result(15)
+
+    def progress(self) -> dict[str, Any]:
+        """The pointer and how far the next generation's processors are."""
+        state = self.state()
+        body: dict[str, Any] = {**state.to_json(), "switches": self.switches}
+        for name in (NEXT_VIEWS, NEXT_READER):
+            instance = self.runtime.host.get(name)
+            if instance is not None:
+                body[name] = instance.stats()
+        return body
+
+
+class GenerationWatcher(Processor):
+    """Follows the generation pointer once a second (see :class:`Replay`)."""
+
+    name = "generations"
+    inputs = ("minio:generations",)
+    outputs = ("the next generation's processors", "the views switch")
+    state = "none (the pointer is in MinIO)"
+
+    def __init__(self, runtime: Runtime, every_s: float = 1.0) -> None:
+        self.runtime = runtime
+        self.every_s = every_s
+        self.checks = 0
+
+    def open(self) -> None:
+        pass
+
+    def step(self) -> None:
+        time.sleep(self.every_s)
+        self.runtime.replay.sync()
+        self.checks += 1
+
+    def ready(self) -> bool:
+        return True
+
+    def stats(self) -> dict[str, Any]:
+        return {"generation": self.runtime.generation.id, "checks": self.checks}
