@@ -88,6 +88,30 @@ def _print_status(statuses: list[services.ServiceStatus]) -> None:
 
 
 @app.command()
+def audit(
+    sql: Annotated[str, typer.Argument(help="One SELECT on memory_ops, memory_versions, "
+                                            "queries, command_results.")],  # fmt: skip
+    fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+    url: Annotated[str | None, typer.Option(help="The API (default MEMSTREAM_API_URL).")] = None,
+    direct: Annotated[
+        bool, typer.Option("--direct", help="Query ClickHouse itself, not the API.")
+    ] = False,
+) -> None:
+    """Read-only SQL on the audit tables, through the running API or --direct (exit 1: refused
+    or failed, 2: unreachable)."""
+    from streams.cli.audit import FORMATS, AuditCommandError, fetch, render
+
+    if fmt not in FORMATS:
+        raise _fail(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+    try:
+        rows = fetch(sql, Settings(), url, direct)
+    except AuditCommandError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(code=exc.code) from None
+    render(rows, fmt)
+
+
+@app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (MEMSTREAM_API_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (MEMSTREAM_API_PORT).")] = None,
