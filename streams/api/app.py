@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from streams.api.deps import Service
-from streams.api.routes import access, audit, commands, health, memories
+from streams.api.routes import access, audit, commands, health, memories, replay, updates
 from streams.pipeline.roles import Runtime, build_runtime
 from streams.settings import Settings
 from streams.transport.producer import EventProducer
@@ -40,6 +40,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         version="0.2.0",
         lifespan=lifespan,
     )
-    for router in (health.router, memories.router, commands.router, access.router, audit.router):
+    for router in (health.router, memories.router, commands.router, access.router, audit.router,
+                   updates.router, replay.router):  # fmt: skip
         app.include_router(router)
     return app

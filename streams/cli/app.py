@@ -112,6 +112,22 @@ def audit(
 
 
 @app.command()
+def mcp(
+    url: Annotated[str | None, typer.Option(help="The API (default MEMSTREAM_API_URL).")] = None,
+    transport: Annotated[str, typer.Option(help="stdio or streamable-http.")] = "stdio",
+    host: Annotated[str, typer.Option(help="Bind address (streamable-http).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (streamable-http).")] = 8765,
+) -> None:
+    """An MCP server (tools add, search, get, history; resource
+    memstream://cubes/{cube}/updates) in front of a running memstream API."""
+    from streams.mcp.server import run
+
+    if transport not in ("stdio", "streamable-http"):
+        raise _fail(f"unknown transport {transport!r} (known: stdio, streamable-http)")
+    run(url, transport, host, port)
+
+
+@app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (MEMSTREAM_API_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (MEMSTREAM_API_PORT).")] = None,

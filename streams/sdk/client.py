@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from datetime import datetime
 from typing import Any
 
 import httpx
 
+from streams.sdk.subscribe import MemoryUpdate, http_updates
 from streams.settings import Settings
 from streams.transport.events import Interaction
 from streams.transport.producer import EventProducer
@@ -179,6 +180,19 @@ class AsyncMemoryClient:
 
     async def history(self, memory_id: str) -> list[dict[str, Any]]:
         return MemoryClient._ok(await self._http.get(f"/v1/memories/{memory_id}/history"))
+
+    def updates(
+        self, cube_id: str, last_event_id: str | None = None, since: int | datetime | None = None
+    ) -> AsyncIterator[MemoryUpdate]:
+        """The cube's memory updates as they happen (server-sent events); resume with
+        ``last_event_id`` = the last update's ``position``. See :func:`http_updates`."""
+        return http_updates(self._http, cube_id, last_event_id=last_event_id, since=since)
+
+    async def recent_updates(self, cube_id: str, limit: int = 50) -> list[MemoryUpdate]:
+        """The cube's last ``limit`` updates, oldest first (a snapshot; see :meth:`updates`)."""
+        response = await self._http.get(f"/v1/cubes/{cube_id}/updates/recent",
+                                        params={"limit": limit})  # fmt: skip
+        return [MemoryUpdate.from_json(u) for u in MemoryClient._ok(response)]
 
     async def aclose(self) -> None:
         await self._http.aclose()
