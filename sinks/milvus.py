@@ -122,9 +122,9 @@ class MilvusSink:
         """Point the :data:`ALIAS` at this collection."""
         if ALIAS in self.client.list_aliases(self.collection).get("aliases", []):
             return
-        try:
+        if ALIAS in self.client.list_aliases().get("aliases", []):
             self.client.alter_alias(self.collection, ALIAS)
-        except Exception:  # pymilvus raises MilvusException when the alias does not exist yet
+        else:
             self.client.create_alias(self.collection, ALIAS)
 
     def drop(self) -> None:
