@@ -13,11 +13,13 @@ from rich.table import Table
 
 from infra import services
 from infra.process import InfraError
+from streams.cli.cube import cube_app
 from streams.settings import Settings
 
 app = typer.Typer(help="memstream: a memory operating system for LLM agents, on Kafka.")
 infra_app = typer.Typer(help="Start, stop and inspect the local services.")
 app.add_typer(infra_app, name="infra")
+app.add_typer(cube_app, name="cube")
 console = Console()
 
 
