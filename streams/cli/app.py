@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -13,13 +13,19 @@ from rich.table import Table
 
 from infra import services
 from infra.process import InfraError
+from streams.cli import replay as replay_cli
 from streams.cli.cube import cube_app
 from streams.settings import Settings
+
+if TYPE_CHECKING:
+    from streams.sdk.client import MemoryClient
 
 app = typer.Typer(help="memstream: a memory operating system for LLM agents, on Kafka.")
 infra_app = typer.Typer(help="Start, stop and inspect the local services.")
 app.add_typer(infra_app, name="infra")
 app.add_typer(cube_app, name="cube")
+app.command("replay")(replay_cli.replay)
+cube_app.command("show")(replay_cli.show)
 console = Console()
 
 
@@ -91,8 +97,10 @@ def _print_status(statuses: list[services.ServiceStatus]) -> None:
 
 @app.command()
 def audit(
-    sql: Annotated[str, typer.Argument(help="One SELECT on memory_ops, memory_versions, "
-                                            "queries, command_results.")],  # fmt: skip
+    sql: Annotated[
+        str,
+        typer.Argument(help="One SELECT on memory_ops, memory_versions, queries, command_results."),
+    ],
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
     url: Annotated[str | None, typer.Option(help="The API (default MEMSTREAM_API_URL).")] = None,
     direct: Annotated[
@@ -179,7 +187,9 @@ def serve(
 
 @app.command()
 def bench(
-    name: Annotated[str, typer.Argument(help="ingest, search, quality, restart or profile.")],
+    name: Annotated[
+        str, typer.Argument(help="ingest, search, quality, restart, profile or replay.")
+    ],
     interactions: Annotated[
         int | None,
         typer.Option(help="ingest / profile: interactions to ingest (20,000 / 5,000)."),
@@ -195,7 +205,10 @@ def bench(
     readers: Annotated[
         int, typer.Option(help="ingest: reader processes (N > 1: N readers + 1 views process).")
     ] = 1,
-    ops: Annotated[int | None, typer.Option(help="restart: ops in the log (1,000,000).")] = None,
+    ops: Annotated[
+        int | None,
+        typer.Option(help="restart / replay: ops in the log (1,000,000 / 100,000)."),
+    ] = None,
     ops_per_memory: Annotated[
         int, typer.Option(help="restart: ops per memory (the log / state ratio).")
     ] = 4,
@@ -221,9 +234,13 @@ def bench(
         from bench import profile
 
         profile.run(n=interactions or 5_000)
+    elif name == "replay":
+        from bench import replay
+
+        replay.run(ops=ops or 100_000)
     else:
         raise _fail(
-            f"unknown benchmark {name!r} (known: ingest, search, quality, restart, profile)"
+            f"unknown benchmark {name!r} (known: ingest, search, quality, restart, profile, replay)"
         )
 
 
@@ -236,7 +253,7 @@ def demo(
     """Start everything, ingest a real conversation, then search it, show a fact's history and
     query the audit log."""
     import time
-    from datetime import timedelta
+    from datetime import UTC, datetime, timedelta
 
     from rich.progress import Progress
 
@@ -292,6 +309,9 @@ def demo(
 
         speaker = sample.conversation["speaker_a"]
         last = max(t["event_time"] for t in turns)
+        # A subscriber (the SDK's async iterator) that another agent would run: it sees each
+        # memory update of the cube once, in order, as the writer logs it.
+        updates = _Updates(worker.settings, cube, until_text="Lisbon")
         client.publish(
             cube,
             [
@@ -303,6 +323,7 @@ def demo(
             ],
         )
         client.wait_drained()
+        between = datetime.now(UTC)
         client.publish(
             cube,
             [
@@ -355,6 +376,20 @@ def demo(
             table.add_row(row["command"], row["memory_id"][:8], row["status"], row["reason"])
         console.print(table)
 
+        # Time travel: the cube as memstream had it before the move, folded from the log.
+        question = f"{speaker} moved to"
+        table = Table("as of", "top memory", title=f"time travel: {question}")
+        for label, at in ((f"{between:%H:%M:%S.%f} (before)", between), ("now", None)):
+            found = client.search(cube, question, top_k=1, **({"as_of": at} if at else {}))
+            table.add_row(label[:19], found["hits"][0]["text"] if found["hits"] else "-")
+        console.print(table)
+
+        updates.join(60)
+        table = Table("op", "v", "position", "memory", title="subscription: live updates")
+        for u in updates.received[-8:]:
+            table.add_row(u.op, str(u.version), u.position, (u.text or u.memory_id)[:60])
+        console.print(table)
+
         sql = (
             f"SELECT op, count() AS ops FROM memory_ops FINAL WHERE cube_id = '{cube}' "
             "GROUP BY op ORDER BY ops DESC"
@@ -364,8 +399,63 @@ def demo(
         for row in client.audit(sql):
             table.add_row(row["op"], str(row["ops"]))
         console.print(table)
+        _demo_rebuild(client, cube, [qa["question"] for qa in sample.qa[:3]])
     finally:
         worker.stop()
+
+
+class _Updates:
+    """A subscription run on its own thread and event loop, collecting what it receives."""
+
+    def __init__(self, settings: Settings, cube: str, until_text: str) -> None:
+        import asyncio
+        import threading
+
+        from streams.sdk.subscribe import subscribe
+
+        self.received: list = []
+        started = threading.Event()
+
+        async def follow() -> None:
+            async with asyncio.timeout(300), subscribe(cube, settings=settings) as updates:
+                started.set()
+                async for update in updates:
+                    self.received.append(update)
+                    if until_text in (update.text or ""):
+                        return
+
+        self._thread = threading.Thread(target=lambda: asyncio.run(follow()), daemon=True)
+        self._thread.start()
+        started.wait(60)
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+def _demo_rebuild(client: MemoryClient, cube: str, questions: list[str]) -> None:
+    """Rebuild the views from the log beside the live ones, and show they agree."""
+    import time
+
+    from rich.progress import Progress
+
+    before = {m["memory_id"]: m["version"] for m in client.memories(cube, 16384)}
+    answers = [[h["memory_id"] for h in client.search(cube, q)["hits"]] for q in questions]
+    target = client.replay("rebuild")["next"]["id"]
+    with Progress(console=console) as progress:
+        task = progress.add_task(f"replay --rebuild: generation {target}", total=None)
+        while (state := client.replay_status())["current"]["id"] < target:
+            views = state.get("views-next") or {}
+            if views:
+                progress.update(task, completed=views["offset"], total=views["end_offset"])
+            time.sleep(0.3)
+        progress.update(task, completed=1, total=1)
+    after = {m["memory_id"]: m["version"] for m in client.memories(cube, 16384)}
+    same = [[h["memory_id"] for h in client.search(cube, q)["hits"]] for q in questions]
+    console.print(
+        f"[bold]rebuilt from the log:[/] generation {target}, {len(after)} memories "
+        f"({'the same ids and versions' if after == before else 'DIFFERENT'}), "
+        f"search answers {'identical' if same == answers else 'DIFFERENT'}"
+    )
 
 
 if __name__ == "__main__":

@@ -32,6 +32,12 @@ def _search_params(q: str, top_k: int, **filters: Any) -> dict[str, Any]:
     return params
 
 
+def _as_of(as_of: datetime | int | None) -> dict[str, Any]:
+    if as_of is None:
+        return {}
+    return {"as_of": as_of.isoformat() if isinstance(as_of, datetime) else str(as_of)}
+
+
 class MemoryClient:
     """Publish, search and inspect memories through a running ``memstream serve``.
 
@@ -61,18 +67,33 @@ class MemoryClient:
         return self._ok(self._http.post(f"/v1/cubes/{cube_id}/interactions", json=body))
 
     def search(self, cube_id: str, q: str, top_k: int = 10, **filters: Any) -> dict[str, Any]:
-        """filters: since, until (datetimes), tags (list), include_history (bool), actor."""
+        """filters: since, until (datetimes), tags (list), include_history (bool), actor,
+        as_of (a datetime or a log offset: the cube as it was then)."""
         params = _search_params(q, top_k, **filters)
         return self._ok(self._http.get(f"/v1/cubes/{cube_id}/search", params=params))
 
-    def memory(self, memory_id: str) -> dict[str, Any]:
-        return self._ok(self._http.get(f"/v1/memories/{memory_id}"))
+    def memory(self, memory_id: str, as_of: datetime | int | None = None) -> dict[str, Any]:
+        params = _as_of(as_of)
+        return self._ok(self._http.get(f"/v1/memories/{memory_id}", params=params))
 
     def history(self, memory_id: str) -> list[dict[str, Any]]:
         return self._ok(self._http.get(f"/v1/memories/{memory_id}/history"))
 
-    def memories(self, cube_id: str, limit: int = 1000) -> list[dict[str, Any]]:
-        return self._ok(self._http.get(f"/v1/cubes/{cube_id}/memories", params={"limit": limit}))
+    def memories(
+        self, cube_id: str, limit: int = 1000, as_of: datetime | int | None = None
+    ) -> list[dict[str, Any]]:
+        params = {"limit": limit, **_as_of(as_of)}
+        return self._ok(self._http.get(f"/v1/cubes/{cube_id}/memories", params=params))
+
+    def replay(self, mode: str, reader: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Start building the next view generation: ``rebuild`` (refold the ops) or
+        ``reextract`` (rerun the reader, with ``reader`` settings); see :meth:`replay_status`."""
+        body = {"mode": mode, "reader": reader or {}}
+        return self._ok(self._http.post("/v1/replay", json=body))
+
+    def replay_status(self) -> dict[str, Any]:
+        """The generation pointer (current, next, retired) and the next one's progress."""
+        return self._ok(self._http.get("/v1/replay"))
 
     def audit(self, sql: str) -> list[dict[str, Any]]:
         return self._ok(self._http.post("/v1/audit", json={"sql": sql}))

@@ -286,3 +286,24 @@ def test_reextract_writes_a_new_generation_beside_the_old(
     assert set(report) == {0, 1}
     assert report[1]["merges"] == sum(op["op"] == "MERGE" for op in latest[1])
     assert report[0]["ops"] == len(latest[0]) and report[1]["current"] is True
+
+
+def test_an_interrupted_rebuild_resumes_and_switches(
+    api: TestClient, runtime: Runtime, conversation: tuple[str, list[str]]
+) -> None:
+    cube, questions = conversation
+    before = view(runtime, cube)
+    answers = searches(api, cube, questions[:10])
+    target = api.post("/v1/replay", json={"mode": "rebuild"}).json()["next"]["id"]
+    # The process building it dies: its processor is gone, the pointer in MinIO and the
+    # group's committed offsets remain. The generations processor picks the replay up again.
+    runtime.host.remove("views-next")
+    assert api.get("/v1/replay").json()["current"]["id"] == target - 1
+    wait(lambda: "views-next" in runtime.host.slots, 30, "the replay was not resumed")
+    wait(lambda: api.get("/v1/replay").json()["current"]["id"] == target, 180, "never switched")
+    wait(lambda: drained(api), 60, "not drained after the switch")
+    after = view(runtime, cube)
+    assert after["collection"] == f"memories_g{target}"
+    assert after["states"] == before["states"]
+    assert after["rows"].keys() == before["rows"].keys()
+    assert searches(api, cube, questions[:10]) == answers
