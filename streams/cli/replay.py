@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from datetime import datetime
 from typing import Annotated, Any
 
 import httpx
@@ -52,8 +53,9 @@ def _point(value: str) -> Point:
 
 
 def _past(settings: Settings, at: Point, cube: str | None) -> PastView:
-    current = generation_store(settings).read().current
-    return fold_until(settings, snapshot_store(settings), at, current, cube)
+    state = generation_store(settings).read()
+    generation = state.at(at) if isinstance(at, datetime) else state.current
+    return fold_until(settings, snapshot_store(settings), at, generation, cube)
 
 
 def _memories_json(memories: list[Memory]) -> list[dict[str, Any]]:

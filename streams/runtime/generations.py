@@ -113,6 +113,15 @@ class GenerationState:
         nxt = Generation(id=self.current.id + 1, ops=ops, kind=kind, reader=settings)
         return replace(self, next=nxt)
 
+    def at(self, when: datetime) -> Generation:
+        """The generation the views showed at ``when``: the last one switched to by then (the
+        first one shows everything before any switch)."""
+        shown = None
+        for g in (*self.retired, self.current):
+            if g.switched_at is None or datetime.fromisoformat(g.switched_at) <= when:
+                shown = g
+        return shown or self.current
+
     def switched(self) -> GenerationState:
         """The state after the views moved to the next generation."""
         if self.next is None:

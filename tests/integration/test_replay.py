@@ -35,6 +35,7 @@ T0 = datetime(2024, 3, 1, 9, 0, tzinfo=UTC)
 def runtime(settings: Settings, tmp_path_factory: pytest.TempPathFactory, chdb_dsn: str) -> Runtime:
     s = settings.model_copy(update={"data_dir": tmp_path_factory.mktemp("replay"),
                                     "clickhouse_url": chdb_dsn, "snapshot_every": 150,
+                                    "scheduler_top_n": 0,  # no activations: a still view
                                     "topic_prefix": f"rp-{uuid.uuid4().hex[:8]}."})  # fmt: skip
     ensure_topics(s)
     embedder: Embedder = embedder_for(s)
@@ -239,6 +240,7 @@ def test_reextract_writes_a_new_generation_beside_the_old(
 ) -> None:
     cube, questions = conversation
     before = view(runtime, cube)
+    t_before = datetime.now(UTC)
     started = api.post("/v1/replay", json={"mode": "reextract", "reader": {"merge_threshold": 0.8}})
     assert started.status_code == 202, started.text
     assert started.json()["next"] == {**started.json()["next"], "id": 2, "ops": 1}
@@ -271,6 +273,10 @@ def test_reextract_writes_a_new_generation_beside_the_old(
     status = api.get("/v1/status").json()
     assert status["processors"]["reader"]["stats"]["ops_generation"] == 1
     assert "reader-next" not in status["processors"]
+    # Time travel to before the switch shows the extraction the views showed then.
+    then = api.get(f"/v1/cubes/{cube}/memories",
+                   params={"as_of": t_before.isoformat(), "limit": 16384}).json()  # fmt: skip
+    assert {r["memory_id"] for r in then} == set(before["rows"])
     # A new interaction is extracted by the new generation only.
     body = [{"content": "My sister Ana visits every Sunday.", "speaker": "Melanie",
              "event_time": (T0 + timedelta(days=90)).isoformat()}]  # fmt: skip

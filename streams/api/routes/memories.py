@@ -86,8 +86,17 @@ def _point(as_of: str) -> Point:
 
 
 async def _past(svc: Service, cube_id: str, as_of: str) -> PastView:
+    """The cube as of a point, in the generation the views showed then (a time after a
+    re-extraction folds the new extraction, a time before it the old one)."""
     point = _point(as_of)
-    return await run_in_threadpool(svc.time_travel.cube, cube_id, point, svc.runtime.generation)
+
+    def fold() -> PastView:
+        generation = svc.runtime.generation
+        if isinstance(point, datetime) and svc.runtime.generations is not None:
+            generation = svc.runtime.generations.read().at(point)
+        return svc.time_travel.cube(cube_id, point, generation)
+
+    return await run_in_threadpool(fold)
 
 
 @router.post("/v1/cubes/{cube_id}/interactions", response_model=list[Published])
