@@ -124,6 +124,9 @@ class Settings(BaseSettings):
         default=None,
         description="Where converted LM checkpoints are cached; unset: <tools_dir>/lm.",
     )
+    lm_threads: int = Field(
+        default=0, ge=0, description="torch threads of the local LM; 0: half the cores."
+    )
 
     @field_validator("data_dir", "tools_dir")
     @classmethod
