@@ -10,15 +10,34 @@ IMPORT replays one op of an exported cube into another cube through this same ch
 source's memory ids are mapped into the target cube (:func:`import_memory_id`), the version is
 the target fold's, and the command id is derived from the target cube and the source op, so
 importing a file twice is a DUPLICATE per op, never a second op.
+
+CREATE (Command.v3) adds a new ACTIVATION or PARAMETER memory, a KV cache or a LoRA adapter
+whose tensors are already in MinIO (claim-check), as an ADD at v1 carrying the payload. Its id is
+derived from the command (:func:`created_memory_id`: the cube, the memory type and the payload's
+sha256), so the same tensors created twice are one memory and a repeated command a DUPLICATE.
+``supersedes`` names the memory it replaces (the issuer's previous one of that type); the writer
+checks each exists in the cube with the same type. Nothing is written on the replaced memory:
+**the cube's current cache or adapter is its newest active memory of that type**
+(:func:`current_memory`, newest by the ADD's event time), so a rollback is one command, ARCHIVE
+of the current one (the one before it is current again), and a roll forward is RESTORE of it;
+both go through the ordinary checks below, which ACTIVATION and PARAMETER memories pass like
+plaintext ones (ARCHIVE of an active memory, RESTORE of an archived one). A command's
+``evidence`` (the statistics behind a scheduler's decision) is written into its op's reason
+(:func:`with_evidence`, read back with :func:`evidence_of`), since MemoryOp has no field of its
+own for it and the commands topic is not kept forever.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from processors.fold import ALLOWED, FoldError, fold
+from processors.fold import ALLOWED, FoldError, Memory, fold
 from processors.fusion import CubeMemories
 from processors.ops import (
     ACTIVATION_PAYLOAD,
@@ -30,7 +49,9 @@ from processors.ops import (
 )
 
 Status = Literal["APPLIED", "DUPLICATE", "REJECTED"]
-KINDS = ("ACTIVATE", "DEACTIVATE", "ARCHIVE", "RESTORE", "EXPIRE", "DELETE", "IMPORT")
+KINDS = ("ACTIVATE", "DEACTIVATE", "ARCHIVE", "RESTORE", "EXPIRE", "DELETE", "IMPORT", "CREATE")
+# The memory type a CREATE's payload makes.
+CREATED_TYPES = {ACTIVATION_PAYLOAD: "ACTIVATION", PARAMETER_PAYLOAD: "PARAMETER"}
 # The fields of an op an IMPORT carries (Command.v2 ``SourceOp``).
 SOURCE_OP_FIELDS = ("event_id", "cube_id", "memory_id", "version", "op", "memory_type",
                     "event_time", "actor", "caused_by", "supersedes", "superseded_by", "reason",
@@ -59,6 +80,8 @@ def apply_command(memories: CubeMemories, command: dict[str, Any]) -> Outcome:
     kind, memory_id = command["command"], command["memory_id"]
     if kind == "IMPORT":
         return _apply_import(memories, command)
+    if kind == "CREATE":
+        return _apply_create(memories, command)
     state = memories.get(memory_id)
 
     def refuse(reason: str) -> Outcome:
@@ -80,6 +103,8 @@ def apply_command(memories: CubeMemories, command: dict[str, Any]) -> Outcome:
     if kind == "DEACTIVATE" and not state.activated:
         return refuse("not activated")
     payload = command.get("payload")
+    if payload and (kind != "ACTIVATE" or payload_branch(_body(payload)) != ACTIVATION_PAYLOAD):
+        return refuse(f"{kind} carries a payload only ACTIVATE with an ActivationPayload may")
     op = make_op(
         event_id=op_event_id(command["command_id"], 0, kind, memory_id),
         cube_id=state.cube_id,
@@ -90,11 +115,148 @@ def apply_command(memories: CubeMemories, command: dict[str, Any]) -> Outcome:
         event_time=command["event_time"],
         actor=command["issued_by"],
         caused_by=[command["command_id"]],
-        reason=command.get("reason") or f"command {command['command_id']}",
-        payload=(ACTIVATION_PAYLOAD, dict(payload)) if payload else None,
+        reason=with_evidence(
+            command.get("reason") or f"command {command['command_id']}", command.get("evidence")
+        ),
+        payload=(ACTIVATION_PAYLOAD, dict(_body(payload))) if payload else None,
     )
     memories.apply(op)
     return Outcome("APPLIED", f"{kind} v{op['version']}", [op], op["version"])
+
+
+def _body(payload: dict[str, Any] | tuple[str, dict[str, Any]]) -> dict[str, Any]:
+    """A payload's record, whether decoded (a dict) or built here (a tagged tuple)."""
+    return payload[1] if isinstance(payload, tuple) else payload
+
+
+_EVIDENCE = re.compile(r" \[evidence (\{.*\})\]$")
+
+
+def with_evidence(reason: str, evidence: dict[str, float] | None) -> str:
+    """The op's reason: the command's, then its evidence as ``[evidence {json}]`` (sorted keys),
+    so the statistics that led to a decision stay on record with the op."""
+    if not evidence:
+        return reason
+    return f"{reason} [evidence {json.dumps(dict(sorted(evidence.items())))}]"
+
+
+def evidence_of(reason: str) -> dict[str, float]:
+    """The evidence :func:`with_evidence` wrote into an op's reason (empty if none)."""
+    match = _EVIDENCE.search(reason)
+    return {k: float(v) for k, v in json.loads(match[1]).items()} if match else {}
+
+
+def created_memory_id(cube_id: str, memory_type: str, sha256: str) -> str:
+    """The id of the ACTIVATION or PARAMETER memory a CREATE of tensors ``sha256`` makes in
+    ``cube_id``: the same content created twice is the same memory."""
+    return str(uuid.uuid5(NAMESPACE, f"create/{cube_id}/{memory_type}/{sha256}"))
+
+
+def payload_sha256(body: dict[str, Any]) -> str:
+    """The sha256 a payload names (its tensors'), or, lacking one, of the payload itself."""
+    if body.get("sha256"):
+        return str(body["sha256"])
+    canonical = json.dumps(body, sort_keys=True, default=str).encode()
+    return hashlib.sha256(canonical).hexdigest()
+
+
+def create_command(
+    cube_id: str,
+    payload: tuple[str, dict[str, Any]],
+    issued_by: str,
+    event_time: Any,
+    *,
+    supersedes: Iterable[str] = (),
+    reason: str = "",
+    evidence: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """The CREATE command of a new activation (``ActivationPayload``) or parameter
+    (``ParameterPayload``) memory, ``payload`` a tagged ``(branch, record)``. Its memory id and
+    command id both follow from the cube and the content, so an issuer that restarts and
+    creates the same tensors again sends the same command."""
+    branch, body = payload
+    if branch not in CREATED_TYPES:
+        raise ValueError(f"CREATE makes activation or parameter memories, not {branch}")
+    memory_type, sha = CREATED_TYPES[branch], payload_sha256(body)
+    superseded = list(supersedes)
+    issuer = issued_by.split("/")[0]
+    return {
+        "command_id": command_id(issuer, "CREATE", cube_id, memory_type, sha, *superseded),
+        "cube_id": cube_id,
+        "memory_id": created_memory_id(cube_id, memory_type, sha),
+        "command": "CREATE",
+        "issued_by": issued_by,
+        "event_time": event_time,
+        "reason": reason or f"new {memory_type.lower()} memory {sha[:12]}",
+        "expected_version": None,
+        "evidence": dict(evidence or {}),
+        "payload": payload,
+        "source_op": None,
+        "supersedes": superseded,
+    }
+
+
+def current_memory(memories: Iterable[Memory], cube_id: str, memory_type: str) -> Memory | None:
+    """The cube's current memory of ``memory_type`` (its KV cache, its adapter): the newest
+    active one, by the event time of its ADD, then its id. ARCHIVE of it rolls back to the one
+    before; RESTORE rolls forward again."""
+    live = [
+        m
+        for m in memories
+        if m.cube_id == cube_id and m.memory_type == memory_type and m.status == "active"
+    ]
+    return max(live, key=lambda m: (m.created_at, m.memory_id), default=None)
+
+
+def _apply_create(memories: CubeMemories, command: dict[str, Any]) -> Outcome:
+    """Add the command's activation or parameter memory at v1, if its id is the one derived
+    from its content and every memory it supersedes is in the cube with the same type."""
+    cube, memory_id, payload = command["cube_id"], command["memory_id"], command.get("payload")
+    state = memories.get(memory_id)
+
+    def refuse(reason: str) -> Outcome:
+        return Outcome("REJECTED", reason, version=state.version if state else None)
+
+    if not payload:
+        return refuse("CREATE carries no payload")
+    body = dict(_body(payload))
+    branch = payload[0] if isinstance(payload, tuple) else payload_branch(body)
+    if branch not in CREATED_TYPES:
+        return refuse("CREATE makes ACTIVATION or PARAMETER memories (a plaintext memory comes "
+                      "from an interaction)")  # fmt: skip
+    memory_type = CREATED_TYPES[branch]
+    expected = created_memory_id(cube, memory_type, payload_sha256(body))
+    if memory_id != expected:
+        return refuse(f"memory {memory_id} is not the id of this content ({expected})")
+    if state is not None:
+        if state.cube_id == cube and command["command_id"] in state.caused_by:
+            return Outcome("DUPLICATE", "already applied", version=state.version)
+        return refuse(f"memory {memory_id} already exists (v{state.version}, {state.status})")
+    supersedes = list(command.get("supersedes") or ())
+    for old_id in supersedes:
+        old = memories.get(old_id)
+        if old is None or old.cube_id != cube:
+            return refuse(f"supersedes {old_id}, which is not a memory of cube {cube}")
+        if old.memory_type != memory_type:
+            return refuse(f"supersedes {old_id}, a {old.memory_type} memory, not {memory_type}")
+    op = make_op(
+        event_id=op_event_id(command["command_id"], 0, "ADD", memory_id),
+        cube_id=cube,
+        memory_id=memory_id,
+        version=1,
+        op="ADD",
+        memory_type=memory_type,
+        event_time=command["event_time"],
+        actor=command["issued_by"],
+        caused_by=[command["command_id"]],
+        supersedes=supersedes,
+        reason=with_evidence(
+            command.get("reason") or f"command {command['command_id']}", command.get("evidence")
+        ),
+        payload=(branch, body),
+    )
+    memories.apply(op)
+    return Outcome("APPLIED", f"CREATE {memory_type} v1", [op], 1)
 
 
 def import_memory_id(cube_id: str, source_memory_id: str) -> str:

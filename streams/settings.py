@@ -127,6 +127,20 @@ class Settings(BaseSettings):
     lm_threads: int = Field(
         default=0, ge=0, description="torch threads of the local LM; 0: half the cores."
     )
+    scheduler_top_n: int = Field(
+        default=8, ge=0, description="MemScheduler: memories a cube keeps as activation memory."
+    )
+    scheduler_min_heat: float = Field(
+        default=2.0,
+        gt=0,
+        description="MemScheduler: heat to be (and stay) activated (1.0 = one top hit just now).",
+    )
+    scheduler_half_life_s: float = Field(
+        default=1800.0, gt=0, description="MemScheduler: half-life of a hit's heat, in seconds."
+    )
+    scheduler_interval_s: float = Field(
+        default=30.0, gt=0, description="MemScheduler: seconds between two decisions on a cube."
+    )
 
     @field_validator("data_dir", "tools_dir")
     @classmethod

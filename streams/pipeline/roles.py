@@ -19,6 +19,7 @@ from processors.embedder import Embedder
 from processors.extract import Extractor
 from schemas import Codec
 from streams.pipeline.agents import AccessStatsAgent
+from streams.pipeline.agents.scheduler import SchedulerAgent
 from streams.pipeline.audit import AuditProcessor
 from streams.pipeline.build import (
     Stores,
@@ -37,8 +38,8 @@ from streams.settings import Settings
 
 ROLES: dict[str, tuple[str, ...]] = {
     "reader": ("reader", "generations"),
-    "views": ("views", "audit", "access-stats", "generations"),
-    "all": ("reader", "views", "audit", "access-stats", "generations"),
+    "views": ("views", "audit", "access-stats", "scheduler", "generations"),
+    "all": ("reader", "views", "audit", "access-stats", "scheduler", "generations"),
 }
 
 
@@ -125,6 +126,8 @@ def build_runtime(
         factories["audit"] = lambda: AuditProcessor(settings, stores, runtime.codec)
     if "access-stats" in names:
         factories["access-stats"] = lambda: AccessStatsAgent(settings, runtime.codec)
+    if "scheduler" in names:
+        factories["scheduler"] = lambda: SchedulerAgent(settings, runtime.codec)
     factories["generations"] = lambda: GenerationWatcher(runtime)
     factories.update(extra or {})
     runtime.host = Host(factories)
