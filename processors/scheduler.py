@@ -33,7 +33,8 @@ memories not in it get DEACTIVATE ("cooled" below ``min_heat``, or "displaced" b
 An activated memory ranks with its heat times ``1 + hysteresis``, so two memories of nearly the
 same heat do not swap places every interval. The scheduler knows what is activated from the
 ACTIVATE / DEACTIVATE ops on memory-ops (:func:`track`), never from its own past commands, which
-the writer may have rejected.
+the writer may have rejected. A memory activated by someone else (an operator's ACTIVATE through
+the API) is pinned: the scheduler neither demotes it nor counts it in its ``top_n``.
 """
 
 from __future__ import annotations
@@ -129,6 +130,9 @@ class Tracked:
     status: str = "active"
     memory_type: str = "PLAINTEXT"
     activated: bool = False
+    #: Whether the scheduler's own command activated it; one activated by anyone else (an
+    #: operator, the API) is pinned: the scheduler neither counts nor demotes it.
+    by_scheduler: bool = True
 
     @property
     def candidate(self) -> bool:
@@ -137,15 +141,15 @@ class Tracked:
         return self.version > 0 and self.status == "active" and self.memory_type == "PLAINTEXT"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "status": self.status,
-                "memory_type": self.memory_type, "activated": self.activated}  # fmt: skip
+        return {"version": self.version, "status": self.status, "memory_type": self.memory_type,
+                "activated": self.activated, "by_scheduler": self.by_scheduler}  # fmt: skip
 
     @classmethod
     def from_dict(cls, value: Mapping[str, Any]) -> Tracked:
         if not value.get("version"):
             return cls()
         return cls(int(value["version"]), str(value["status"]), str(value["memory_type"]),
-                   bool(value["activated"]))  # fmt: skip
+                   bool(value["activated"]), bool(value.get("by_scheduler", True)))  # fmt: skip
 
 
 _STATUS = {"ARCHIVE": "archived", "RESTORE": "active", "EXPIRE": "expired", "DELETE": "deleted"}
@@ -166,7 +170,8 @@ def track(state: Tracked, op: Mapping[str, Any]) -> Tracked:
         return Tracked(1, "merged" if kind == "MERGE" and op.get("superseded_by") else "active",
                        op["memory_type"], False)  # fmt: skip
     if kind == "ACTIVATE":
-        return Tracked(version, state.status, state.memory_type, True)
+        by_scheduler = str(op.get("actor", "")).startswith("scheduler/")
+        return Tracked(version, state.status, state.memory_type, True, by_scheduler)
     if kind == "DEACTIVATE":
         return Tracked(version, state.status, state.memory_type, False)
     if kind == "MERGE":
@@ -199,10 +204,12 @@ def decide(
     ties break by best rank, then memory id; DEACTIVATEs come first (they free the places)."""
     # Only what the scheduler may change: an activated memory that was merged, archived or is
     # not plaintext cannot be deactivated by it (the writer would refuse), so it is left alone.
-    activated = {m for m, t in tracked.items() if t.activated and t.candidate}
+    # Nor one someone else activated: it is pinned, outside the scheduler's places.
+    activated = {m for m, t in tracked.items() if t.activated and t.candidate and t.by_scheduler}
+    pinned = {m for m, t in tracked.items() if t.activated and not t.by_scheduler}
     now = {m: h.at(now_ms, policy.half_life_s) for m, h in heats.items()}
     hot = [m for m, heat in now.items() if heat >= policy.min_heat
-           and tracked.get(m, Tracked()).candidate]  # fmt: skip
+           and tracked.get(m, Tracked()).candidate and m not in pinned]  # fmt: skip
 
     def standing(memory_id: str) -> tuple[float, int, str]:
         bonus = 1.0 + policy.hysteresis if memory_id in activated else 1.0

@@ -163,7 +163,13 @@ def test_after_the_decisions_the_activated_set_is_the_top_n_hot(
 
 
 def op(kind: str, version: int, memory_type: str = "PLAINTEXT", **extra: object) -> dict:
-    return {"op": kind, "version": version, "memory_type": memory_type, **extra}
+    return {
+        "op": kind,
+        "version": version,
+        "memory_type": memory_type,
+        "actor": "scheduler/0",
+        **extra,
+    }
 
 
 def test_ops_are_followed_like_the_fold_and_redeliveries_change_nothing() -> None:
@@ -198,3 +204,16 @@ def test_a_policy_refuses_nonsense() -> None:
         with pytest.raises(ValueError):
             SchedulerPolicy(**bad)  # type: ignore[arg-type]
     assert math.isclose(SchedulerPolicy().evidence()["half_life_s"], 1800.0)
+
+
+def test_a_memory_someone_else_activated_is_pinned() -> None:
+    pinned = track(track(Tracked(), op("ADD", 1)), op("ACTIVATE", 2, actor="api"))
+    assert pinned.activated and not pinned.by_scheduler
+    assert Tracked.from_dict(pinned.as_dict()) == pinned
+    h = heats(cold=[(5, 0)], a=[(1, 0)] * 3, b=[(1, 0)] * 3)
+    # Cold but pinned: not demoted; and it takes none of the top-2 places.
+    decisions = decide(POLICY, T0, h, {"cold": pinned, "a": LIVE, "b": LIVE})
+    assert [(d.kind, d.memory_id) for d in decisions] == [("ACTIVATE", "a"), ("ACTIVATE", "b")]
+    hot_pinned = {**h, "cold": folded([(1, 0)] * 9)}
+    decisions = decide(POLICY, T0, hot_pinned, {"cold": pinned, "a": LIVE, "b": LIVE})
+    assert [d.memory_id for d in decisions] == ["a", "b"]
