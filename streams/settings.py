@@ -141,6 +141,22 @@ class Settings(BaseSettings):
     scheduler_interval_s: float = Field(
         default=30.0, gt=0, description="MemScheduler: seconds between two decisions on a cube."
     )
+    lora_rank: int = Field(default=8, ge=1, description="Parameter memory: LoRA rank.")
+    lora_steps: int = Field(
+        default=8, ge=1, description="Parameter memory: AdamW steps of one adapter's training."
+    )
+    lora_lr: float = Field(default=3e-3, gt=0, description="Parameter memory: learning rate.")
+    lora_max_tokens: int = Field(
+        default=96, ge=2, description="Parameter memory: tokens of a memory text trained on."
+    )
+    lora_min_memories: int = Field(
+        default=8, ge=1, description="Parameter memory: stable memories a cube needs to train."
+    )
+    lora_stable_ops: int = Field(
+        default=20,
+        ge=0,
+        description="Parameter memory: ops of its cube a memory must be unchanged for.",
+    )
 
     @field_validator("data_dir", "tools_dir")
     @classmethod
