@@ -3,11 +3,16 @@ in the real MinIO, loaded back verified; a truncated, changed or foreign adapter
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from processors.lm import LocalLM, load_lm
 from processors.lora import (
+    METADATA_KEY,
     AdapterRefused,
     BaseIdentity,
     LoraSettings,
@@ -130,6 +135,13 @@ def test_changed_foreign_or_missing_adapter_is_refused(
     with pytest.raises(AdapterRefused) as refused:
         load_adapter(lm.model, trained.adapter.data, trained.adapter.sha256, other_weights)
     assert refused.value.code == "weights_mismatch"
+    # a header that does not fit its tensors (rank 4 claimed, rank-8 tensors)
+    tensors = load_safetensors(trained.adapter.data)
+    lying = replace(trained.adapter.config, rank=4)
+    forged = save_safetensors(tensors, metadata={METADATA_KEY: lying.to_json()})
+    with pytest.raises(AdapterRefused) as refused:
+        load_adapter(lm.model, forged, sha256_hex(forged), identity)
+    assert refused.value.code == "shape_mismatch" and "the model needs (4," in refused.value.reason
     gone = blobs.uri(ADAPTER_KIND, "f" * 64)
     with pytest.raises(AdapterRefused) as refused:
         fetch_adapter(blobs, {"uri": gone, "sha256": "f" * 64}, lm)
