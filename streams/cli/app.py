@@ -188,14 +188,15 @@ def serve(
 @app.command()
 def bench(
     name: Annotated[
-        str, typer.Argument(help="ingest, search, quality, restart, profile or replay.")
+        str, typer.Argument(help="ingest, search, quality, restart, profile, replay or kv.")
     ],
     interactions: Annotated[
         int | None,
         typer.Option(help="ingest / profile: interactions to ingest (20,000 / 5,000)."),
     ] = None,
     sizes: Annotated[
-        list[int] | None, typer.Option("--size", help="search: memories in the store (repeat).")
+        list[int] | None,
+        typer.Option("--size", help="search: memories in the store; kv: prefix tokens (repeat)."),
     ] = None,
     data: Annotated[Path | None, typer.Option(help="quality: a LoCoMo-format file.")] = None,
     run_out: Annotated[
@@ -238,9 +239,14 @@ def bench(
         from bench import replay
 
         replay.run(ops=ops or 100_000)
+    elif name == "kv":
+        from bench import kv
+
+        kv.run(tuple(sizes or kv.SIZES))
     else:
         raise _fail(
-            f"unknown benchmark {name!r} (known: ingest, search, quality, restart, profile, replay)"
+            f"unknown benchmark {name!r} "
+            "(known: ingest, search, quality, restart, profile, replay, kv)"
         )
 
 
