@@ -68,11 +68,14 @@ class BlobStore:
     def uri(self, kind: str, sha256: str, ext: str = "safetensors") -> str:
         return f"s3://{self.bucket}/{blob_key(kind, sha256, ext)}"
 
-    def put(self, kind: str, data: bytes, ext: str = "safetensors") -> tuple[str, str]:
-        """Store ``data`` under its sha256 (once: an object already there is left alone)."""
+    def put(
+        self, kind: str, data: bytes, ext: str = "safetensors", *, replace: bool = False
+    ) -> tuple[str, str]:
+        """Store ``data`` under its sha256 (once: an object already there is left alone, unless
+        ``replace``: writing back the right bytes over an object found damaged)."""
         sha256 = hashlib.sha256(data).hexdigest()
         key = blob_key(kind, sha256, ext)
-        if not self._same_exists(key, len(data)):
+        if replace or not self._same_exists(key, len(data)):
             self.client.put_object(
                 self.bucket,
                 key,

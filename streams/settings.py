@@ -141,6 +141,16 @@ class Settings(BaseSettings):
     scheduler_interval_s: float = Field(
         default=30.0, gt=0, description="MemScheduler: seconds between two decisions on a cube."
     )
+    activation_memory: bool = Field(
+        default=True,
+        description="Build a KV cache of each cube's activated memories (loads the local LM "
+        "once a cube has activated memories).",
+    )
+    parameter_memory: bool = Field(
+        default=False,
+        description="Train a LoRA adapter per cube once it has enough stable memories (a "
+        "background process, minutes of CPU per adapter: opt in).",
+    )
     lora_rank: int = Field(default=8, ge=1, description="Parameter memory: LoRA rank.")
     lora_steps: int = Field(
         default=8, ge=1, description="Parameter memory: AdamW steps of one adapter's training."

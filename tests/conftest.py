@@ -34,10 +34,11 @@ def settings(base_settings: Settings) -> Settings:
             f"MinIO does not answer at {base_settings.minio_endpoint}: run `memstream infra up`"
         )
     run = uuid.uuid4().hex[:8]
-    # The scheduler activates no memory (top_n 0) unless a test sets a policy of its own
-    # (tests/integration/test_scheduler.py): its ops would add versions to other tests' memories.
+    # The scheduler activates no memory (top_n 0) and no KV cache is built unless a test sets
+    # a policy of its own (tests/integration/test_scheduler.py, test_activation.py): their ops
+    # would add versions to other tests' memories.
     settings = base_settings.model_copy(
-        update={"topic_prefix": f"test-{run}.", "scheduler_top_n": 0}
+        update={"topic_prefix": f"test-{run}.", "scheduler_top_n": 0, "activation_memory": False}
     )
     ensure_topics(settings)
     return settings

@@ -32,11 +32,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from processors.commands import create_command, current_memory
 from processors.fold import Memory
 from processors.lora_policy import LoraPolicy, StabilityTracker, TrainingDecision, decide_training
+from processors.ops import PARAMETER_PAYLOAD
 from sinks.blobs import BlobMissing, BlobStore
 from streams.runtime.processor import Processor
 from streams.settings import Settings
+from streams.transport.events import utcnow
+from streams.transport.producer import EventProducer
+from streams.transport.topics import COMMANDS
 
 log = logging.getLogger("memstream.parameter")
 
@@ -324,6 +329,7 @@ class ParameterProcessor(Processor):
         policy: LoraPolicy = LoraPolicy(),  # noqa: B008 (frozen)
         on_finished: Callable[[FinishedTraining], None] | None = None,
         adapters: Mapping[str, tuple[int, tuple[str, ...]]] | None = None,
+        current: Callable[[], Mapping[str, tuple[int, tuple[str, ...]]]] | None = None,
         check_every_s: float = 10.0,
         retry_after_s: float = 300.0,
         poll_s: float = 0.5,
@@ -334,6 +340,7 @@ class ParameterProcessor(Processor):
         self.policy = policy
         self.on_finished = on_finished
         self.adapters: dict[str, tuple[int, tuple[str, ...]]] = dict(adapters or {})
+        self.current = current
         self.check_every_s = check_every_s
         self.retry_after_s = retry_after_s
         self.poll_s = poll_s
@@ -372,6 +379,10 @@ class ParameterProcessor(Processor):
     def check(self) -> TrainingDecision | None:
         """Ask the policy about every cube; start the first training it wants. Returns it."""
         self.counters["checks"] += 1
+        if self.current is not None:  # what the log says now (after a restart, a rollback)
+            for cube, (version, trained_on) in self.current().items():
+                if version >= self.adapters.get(cube, (0, ()))[0]:
+                    self.adapters[cube] = (version, trained_on)
         by_cube: dict[str, list[Memory]] = {}
         for memory in self.memories():
             by_cube.setdefault(memory.cube_id, []).append(memory)
@@ -441,11 +452,27 @@ def lora_policy(settings: Settings) -> LoraPolicy:
     return LoraPolicy(min_memories=settings.lora_min_memories, stable_ops=settings.lora_stable_ops)
 
 
+def adapters_in(memories: Iterable[Memory]) -> dict[str, tuple[int, tuple[str, ...]]]:
+    """Per cube, from its PARAMETER memories in the fold: how many adapters it has had (the
+    next one's version is one more) and what the newest one learned, archived or not: a rolled
+    back adapter's memories are not trained on again until they change."""
+    by_cube: dict[str, list[Memory]] = {}
+    for m in memories:
+        if m.memory_type == "PARAMETER":
+            by_cube.setdefault(m.cube_id, []).append(m)
+    out = {}
+    for cube, adapters in by_cube.items():
+        newest = max(adapters, key=lambda m: (m.created_at, m.memory_id))
+        out[cube] = (len(adapters), tuple(newest.payload.get("trained_on", ())))
+    return out
+
+
 def parameter_processor(
     settings: Settings,
     memories: Callable[[], Iterable[Memory]],
     on_finished: Callable[[FinishedTraining], None] | None = None,
     adapters: Mapping[str, tuple[int, tuple[str, ...]]] | None = None,
+    current: Callable[[], Mapping[str, tuple[int, tuple[str, ...]]]] | None = None,
 ) -> ParameterProcessor:
     """The processor as ``settings`` configure it: the local LM (``lm_model``) trained in a
     child process, adapters in the settings' MinIO bucket. A factory for the host."""
@@ -453,4 +480,38 @@ def parameter_processor(
         lm_loader(settings.effective_lm_dir, settings.lm_model), BlobStore.from_settings(settings)
     )
     return ParameterProcessor(trainer, memories, lora_settings(settings), lora_policy(settings),
-                              on_finished, adapters)  # fmt: skip
+                              on_finished, adapters, current)  # fmt: skip
+
+
+class AdapterRecorder:
+    """``on_finished`` of the hosted processor: a finished adapter becomes a PARAMETER memory
+    through the one writer (a CREATE command superseding the cube's current adapter)."""
+
+    def __init__(self, settings: Settings, memories: Callable[[], Iterable[Memory]]) -> None:
+        self.settings = settings
+        self.memories = memories
+        self.issuer = f"parameter/{settings.worker_id}"
+        self._producer: EventProducer | None = None
+
+    def __call__(self, finished: FinishedTraining) -> None:
+        if self._producer is None:
+            self._producer = EventProducer(self.settings)
+        cube = finished.cube_id
+        current = current_memory(self.memories(), cube, "PARAMETER")
+        command = create_command(
+            cube,
+            (PARAMETER_PAYLOAD, parameter_payload(finished)),
+            self.issuer,
+            utcnow(),
+            supersedes=[current.memory_id] if current else [],
+            reason=f"adapter v{finished.version} on {len(finished.trained_on)} memories: loss "
+            f"{finished.loss_base:.3f} -> {finished.loss_adapter:.3f}",
+            evidence={
+                "loss_base": finished.loss_base,
+                "loss_adapter": finished.loss_adapter,
+                "seconds": finished.seconds,
+                "version": float(finished.version),
+            },
+        )
+        topic = self.settings.topic(COMMANDS.name)
+        self._producer.publish(topic, cube, COMMANDS.record, command)

@@ -14,10 +14,14 @@ Every role serves ``/healthz``, ``/readyz`` and ``/v1/status`` and accepts publi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from processors.embedder import Embedder
 from processors.extract import Extractor
+from processors.fold import Memory
 from schemas import Codec
+from sinks.blobs import BlobStore
+from streams.pipeline.activation import ActivationProcessor
 from streams.pipeline.agents import AccessStatsAgent
 from streams.pipeline.agents.scheduler import SchedulerAgent
 from streams.pipeline.audit import AuditProcessor
@@ -28,6 +32,7 @@ from streams.pipeline.build import (
     generation_store,
     snapshot_store,
 )
+from streams.pipeline.parameter import AdapterRecorder, adapters_in, parameter_processor
 from streams.pipeline.reader import ReaderProcessor
 from streams.pipeline.replay import GenerationWatcher, Replay
 from streams.pipeline.views import ViewsProcessor
@@ -36,10 +41,30 @@ from streams.runtime.host import Factory, Host
 from streams.runtime.snapshots import SnapshotStore
 from streams.settings import Settings
 
+if TYPE_CHECKING:
+    from processors.lm import LocalLM
+
 ROLES: dict[str, tuple[str, ...]] = {
     "reader": ("reader", "generations"),
-    "views": ("views", "audit", "access-stats", "scheduler", "generations"),
-    "all": ("reader", "views", "audit", "access-stats", "scheduler", "generations"),
+    "views": (
+        "views",
+        "audit",
+        "access-stats",
+        "scheduler",
+        "activation",
+        "parameter",
+        "generations",
+    ),
+    "all": (
+        "reader",
+        "views",
+        "audit",
+        "access-stats",
+        "scheduler",
+        "activation",
+        "parameter",
+        "generations",
+    ),
 }
 
 
@@ -69,6 +94,25 @@ class Runtime:
     @property
     def processors(self) -> tuple[str, ...]:
         return ROLES[self.role]
+
+    def views_processor(self) -> ViewsProcessor | None:
+        """The live views processor (None while it restarts, or in a reader process)."""
+        views = self.host.get("views")
+        return views if isinstance(views, ViewsProcessor) else None
+
+    def memories(self) -> list[Memory]:
+        """Every memory state the live views fold (the partitions this worker owns)."""
+        views = self.views_processor()
+        if views is None:
+            return []
+        return [m for table in list(views.folds.values()) for m in list(table.memories.values())]
+
+    def lm(self) -> LocalLM:
+        """The local LM of this process, loaded on first use (chat, activation memory)."""
+        from processors.lm import load_lm
+
+        s = self.settings
+        return load_lm(s.effective_lm_dir, s.lm_model, threads=s.lm_threads or None)
 
     def reader(self, generation: Generation) -> Factory:
         """A factory of the writer of ``generation``'s extraction."""
@@ -128,6 +172,16 @@ def build_runtime(
         factories["access-stats"] = lambda: AccessStatsAgent(settings, runtime.codec)
     if "scheduler" in names:
         factories["scheduler"] = lambda: SchedulerAgent(settings, runtime.codec)
+    if "activation" in names and settings.activation_memory:
+        factories["activation"] = lambda: ActivationProcessor(
+            settings, runtime.views_processor, runtime.lm, BlobStore.from_settings(settings),
+            runtime.codec,
+        )  # fmt: skip
+    if "parameter" in names and settings.parameter_memory:
+        factories["parameter"] = lambda: parameter_processor(
+            settings, runtime.memories, AdapterRecorder(settings, runtime.memories),
+            current=lambda: adapters_in(runtime.memories()),
+        )  # fmt: skip
     factories["generations"] = lambda: GenerationWatcher(runtime)
     factories.update(extra or {})
     runtime.host = Host(factories)

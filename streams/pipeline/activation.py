@@ -1,0 +1,234 @@
+"""Activation memory: each cube's activated memories, prefilled once, as a KV cache in MinIO.
+
+The MemScheduler decides which memories are hot (ACTIVATE / DEACTIVATE ops through the writer).
+This processor looks at the views' fold every few seconds. For a cube whose activated set is
+not what its current ACTIVATION memory was computed from, it renders the memory prefix
+(:func:`processors.prompt.memory_prefix`, the text every chat of the cube starts with), runs
+the prefill once, stores the cache as safetensors in MinIO, content-addressed, **before** the op
+that names it exists (claim-check), then sends a CREATE command for a new ACTIVATION memory
+that supersedes the old one. A cube with no activated memories left has its cache archived.
+
+A cache is never changed in place: a new set is a new object and a new memory. When chat finds
+the stored object refused on load (a changed byte, a truncated object), it calls
+:meth:`ActivationProcessor.repair`: the next pass checks the object and, if it is bad, prefills
+again; the same prefix on the same model gives the same bytes, so the object is written back
+under its own name and the op in the log stays valid (a different result is a new CREATE).
+Replay needs none of this: the ops name the objects, which are verified by hash, not recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from processors.commands import command_id, create_command, current_memory
+from processors.fold import Memory
+from processors.kv_cache import KIND, CacheRefused, dump_for, load_for, read_meta, sha256_hex
+from processors.lm import AdapterHook, LocalLM
+from processors.ops import ACTIVATION_PAYLOAD
+from processors.prompt import memory_prefix, prefix_memories
+from schemas import Codec
+from sinks.blobs import BlobCorrupted, BlobMissing, BlobStore
+from streams.pipeline.views import ViewsProcessor
+from streams.runtime.processor import Processor
+from streams.settings import Settings
+from streams.transport.events import utcnow
+from streams.transport.producer import EventProducer
+from streams.transport.topics import COMMANDS
+
+log = logging.getLogger("memstream.activation")
+
+
+class ActivationProcessor(Processor):
+    """The views' activated sets -> KV caches in MinIO -> CREATE / ARCHIVE commands."""
+
+    name = "activation"
+    inputs = ("memory-ops (the views' fold)",)
+    outputs = ("minio:blobs/kv", "commands")
+    state = "the sets it asked a cache for (until the op is folded); the rest is in the fold"
+
+    def __init__(
+        self,
+        settings: Settings,
+        views: Callable[[], ViewsProcessor | None],
+        lm: Callable[[], LocalLM],
+        blobs: BlobStore,
+        codec: Codec | None = None,
+        every_s: float = 2.0,
+    ) -> None:
+        self.settings = settings
+        self.views = views
+        self.lm = lm
+        self.blobs = blobs
+        self.codec = codec or Codec()
+        self.every_s = every_s
+        self.issuer = f"activation/{settings.worker_id}"
+        self._asked: dict[str, tuple[str, ...]] = {}
+        self._adapters: dict[str, AdapterHook] = {}
+        self._adapter_of: dict[str, str] = {}  # cache sha256 -> the adapter it was built with
+        self._suspect: set[str] = set()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self.counters = {"caches_built": 0, "caches_repaired": 0, "caches_archived": 0,
+                         "cache_tokens": 0, "cache_bytes": 0}  # fmt: skip
+
+    def open(self) -> None:
+        self._producer = EventProducer(self.settings, self.codec)
+        self._topic = self.settings.topic(COMMANDS.name)
+
+    def close(self) -> None:
+        if getattr(self, "_producer", None) is not None:
+            self._producer.close()
+
+    def ready(self) -> bool:
+        return True
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.counters, "pending": len(self._asked)}
+
+    def repair(self, cube_id: str) -> None:
+        """The cube's stored cache was refused on load: check it and rebuild it if bad."""
+        with self._lock:
+            self._suspect.add(cube_id)
+        self._wake.set()
+
+    def step(self) -> None:
+        self._wake.wait(self.every_s)
+        self._wake.clear()
+        views = self.views()
+        if views is None:
+            return
+        cubes: dict[str, list[Memory]] = {}
+        for table in list(views.folds.values()):
+            for m in list(table.memories.values()):
+                if m.activated or m.memory_type == "ACTIVATION":
+                    cubes.setdefault(m.cube_id, []).append(m)
+        with self._lock:
+            suspects, self._suspect = self._suspect, set()
+        for cube_id, memories in cubes.items():
+            self._sync(cube_id, memories, cube_id in suspects)
+
+    def _sync(self, cube_id: str, memories: list[Memory], suspect: bool) -> None:
+        hot = prefix_memories(memories, cube_id)  # the order chat renders them in
+        wanted = tuple(m.memory_id for m in hot)
+        current = current_memory(memories, cube_id, "ACTIVATION")
+        if not hot:
+            if current is not None and self._asked.get(cube_id) != ():
+                self._archive(current)
+            elif current is None:
+                self._asked.pop(cube_id, None)
+            return
+        lm = self.lm()
+        hook, adapter_sha = self._adapter(memories, cube_id, lm)
+        have = None
+        if current is not None:
+            have = (tuple(current.payload.get("memory_ids", ())), self._built_with(current))
+        if have == (wanted, adapter_sha) and not suspect:
+            self._asked.pop(cube_id, None)
+            return
+        if not suspect and self._asked.get(cube_id) == wanted:
+            return  # asked already: the writer's op is on its way
+        prefix = memory_prefix(lm, [m.text for m in hot])
+        damaged = suspect and current is not None and have == (wanted, adapter_sha)
+        if damaged and self._intact(lm, current, prefix, adapter_sha):
+            return
+        cache, tokens = lm.prefill(prefix, adapter=hook)
+        data = dump_for(lm, cache, prefix, list(wanted), adapter_sha)
+        if damaged and self._rewrite(current, data):
+            return
+        self._adapter_of[sha256_hex(data)] = adapter_sha
+        uri, sha = self.blobs.put(KIND, data)  # the object first: the op only names it
+        payload = {"uri": uri, "model_id": lm.model_id, "token_count": tokens,
+                   "dtype": lm.dtype, "sha256": sha, "memory_ids": list(wanted)}  # fmt: skip
+        command = create_command(
+            cube_id,
+            (ACTIVATION_PAYLOAD, payload),
+            self.issuer,
+            utcnow(),
+            supersedes=[current.memory_id] if current else [],
+            reason=f"KV cache of {len(wanted)} activated memories ({tokens} tokens)",
+            evidence={"tokens": float(tokens), "bytes": float(len(data))},
+        )
+        self._producer.publish(self._topic, cube_id, COMMANDS.record, command)
+        self._asked[cube_id] = wanted
+        self.counters["caches_built"] += 1
+        self.counters["cache_tokens"] += tokens
+        self.counters["cache_bytes"] += len(data)
+        log.info("activation: cube %s cache of %d memories, %d tokens, %d bytes", cube_id,
+                 len(wanted), tokens, len(data))  # fmt: skip
+
+    def _adapter(
+        self, memories: list[Memory], cube_id: str, lm: LocalLM
+    ) -> tuple[AdapterHook | None, str]:
+        """The cube's current adapter, if any: a prefix computed through it is what chat with
+        the adapter needs (LoRA changes the attention projections, hence the keys and values)."""
+        memory = current_memory(memories, cube_id, "PARAMETER")
+        if memory is None:
+            return None, ""
+        sha = str(memory.payload.get("sha256", ""))
+        if sha not in self._adapters:
+            from processors.lora import AdapterRefused, adapter_hook
+            from streams.pipeline.parameter import fetch_adapter
+
+            try:
+                view, _ = fetch_adapter(self.blobs, memory.payload, lm)
+                self._adapters[sha] = adapter_hook(view)
+            except (AdapterRefused, BlobMissing, BlobCorrupted) as exc:
+                log.warning("activation: adapter of %s refused (%s): cache without it",
+                            cube_id, exc)  # fmt: skip
+                return None, ""
+        return self._adapters[sha], sha
+
+    def _built_with(self, current: Memory) -> str:
+        """The adapter a stored cache was computed through ("" for none), from its header."""
+        sha = str(current.payload.get("sha256", ""))
+        if sha not in self._adapter_of:
+            try:
+                data = self.blobs.get_unverified(current.payload["uri"])
+                self._adapter_of[sha] = read_meta(data).adapter_sha256
+            except (CacheRefused, BlobMissing, KeyError) as exc:
+                log.warning("activation: cache %s unreadable (%s)", sha[:12], exc)
+                return "?"  # unknown: built again
+        return self._adapter_of[sha]
+
+    def _intact(self, lm: LocalLM, current: Memory, prefix: str, adapter_sha: str) -> bool:
+        try:
+            load_for(lm, self.blobs.get_unverified(current.payload["uri"]),
+                     current.payload["sha256"], prefix_text=prefix,
+                     adapter_sha256=adapter_sha)  # fmt: skip
+            return True
+        except (CacheRefused, BlobMissing, BlobCorrupted) as exc:
+            log.warning("activation: cache of %s refused (%s); rebuilding", current.cube_id, exc)
+            return False
+
+    def _rewrite(self, current: Memory, data: bytes) -> bool:
+        """Put the rebuilt bytes back under the old object's name if they are the same."""
+        if sha256_hex(data) != current.payload["sha256"]:
+            return False  # not the same bytes: a new memory instead
+        self.blobs.put(KIND, data, replace=True)
+        self.counters["caches_repaired"] += 1
+        log.info("activation: repaired the cache object of cube %s", current.cube_id)
+        return True
+
+    def _archive(self, current: Memory) -> None:
+        command = {
+            "command_id": command_id(
+                "activation", current.cube_id, "ARCHIVE", current.memory_id, str(current.version)
+            ),
+            "cube_id": current.cube_id,
+            "memory_id": current.memory_id,
+            "command": "ARCHIVE",
+            "issued_by": self.issuer,
+            "event_time": utcnow(),
+            "reason": "no activated memories left",
+            "expected_version": current.version,
+            "evidence": {},
+            "payload": None,
+            "source_op": None,
+            "supersedes": [],
+        }
+        self._producer.publish(self._topic, current.cube_id, COMMANDS.record, command)
+        self._asked[current.cube_id] = ()
+        self.counters["caches_archived"] += 1
