@@ -6,7 +6,9 @@ not what its current ACTIVATION memory was computed from, it renders the memory 
 (:func:`processors.prompt.memory_prefix`, the text every chat of the cube starts with), runs
 the prefill once, stores the cache as safetensors in MinIO, content-addressed, **before** the op
 that names it exists (claim-check), then sends a CREATE command for a new ACTIVATION memory
-that supersedes the old one. A cube with no activated memories left has its cache archived.
+that supersedes the old one, and archives the old one: a cube has one active cache, and going
+back to an earlier set restores that set's memory. A cube with no activated memories left has
+its cache archived.
 
 A cache is never changed in place: a new set is a new object and a new memory. When chat finds
 the stored object refused on load (a changed byte, a truncated object), it calls
@@ -23,7 +25,13 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from processors.commands import command_id, create_command, current_memory
+from processors.commands import (
+    command_id,
+    create_command,
+    created_memory_id,
+    current_memory,
+    payload_sha256,
+)
 from processors.fold import Memory
 from processors.kv_cache import KIND, CacheRefused, dump_for, load_for, read_meta, sha256_hex
 from processors.lm import AdapterHook, LocalLM
@@ -142,6 +150,15 @@ class ActivationProcessor(Processor):
         uri, sha = self.blobs.put(KIND, data)  # the object first: the op only names it
         payload = {"uri": uri, "model_id": lm.model_id, "token_count": tokens,
                    "dtype": lm.dtype, "sha256": sha, "memory_ids": list(wanted)}  # fmt: skip
+        known = next((m for m in memories if m.memory_id == created_memory_id(
+            cube_id, "ACTIVATION", payload_sha256(payload))), None)  # fmt: skip
+        if known is not None:  # back to a cache the cube had: that memory again
+            if known.status == "archived":
+                self._send(self._lifecycle(known, "RESTORE", "its memories are activated again"))
+            if current is not None and current.memory_id != known.memory_id:
+                self._send(self._lifecycle(current, "ARCHIVE", "superseded"))
+            self._asked[cube_id] = wanted
+            return
         command = create_command(
             cube_id,
             (ACTIVATION_PAYLOAD, payload),
@@ -151,7 +168,9 @@ class ActivationProcessor(Processor):
             reason=f"KV cache of {len(wanted)} activated memories ({tokens} tokens)",
             evidence={"tokens": float(tokens), "bytes": float(len(data))},
         )
-        self._producer.publish(self._topic, cube_id, COMMANDS.record, command)
+        self._send(command)
+        if current is not None:  # one active cache per cube: the one it replaces retires
+            self._send(self._lifecycle(current, "ARCHIVE", "superseded"))
         self._asked[cube_id] = wanted
         self.counters["caches_built"] += 1
         self.counters["cache_tokens"] += tokens
@@ -213,22 +232,29 @@ class ActivationProcessor(Processor):
         return True
 
     def _archive(self, current: Memory) -> None:
-        command = {
+        self._send(self._lifecycle(current, "ARCHIVE", "no activated memories left"))
+        self._asked[current.cube_id] = ()
+
+    def _lifecycle(self, memory: Memory, kind: str, reason: str) -> dict[str, Any]:
+        """An ARCHIVE or RESTORE of a cache memory, at its current version (deterministic)."""
+        return {
             "command_id": command_id(
-                "activation", current.cube_id, "ARCHIVE", current.memory_id, str(current.version)
+                "activation", memory.cube_id, kind, memory.memory_id, str(memory.version)
             ),
-            "cube_id": current.cube_id,
-            "memory_id": current.memory_id,
-            "command": "ARCHIVE",
+            "cube_id": memory.cube_id,
+            "memory_id": memory.memory_id,
+            "command": kind,
             "issued_by": self.issuer,
             "event_time": utcnow(),
-            "reason": "no activated memories left",
-            "expected_version": current.version,
+            "reason": reason,
+            "expected_version": memory.version,
             "evidence": {},
             "payload": None,
             "source_op": None,
             "supersedes": [],
         }
-        self._producer.publish(self._topic, current.cube_id, COMMANDS.record, command)
-        self._asked[current.cube_id] = ()
-        self.counters["caches_archived"] += 1
+
+    def _send(self, command: dict[str, Any]) -> None:
+        self._producer.publish(self._topic, command["cube_id"], COMMANDS.record, command)
+        if command["command"] == "ARCHIVE":
+            self.counters["caches_archived"] += 1
