@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from streams.api.deps import Service
-from streams.api.routes import access, audit, commands, health, memories, replay, updates
+from streams.api.routes import access, audit, chat, commands, health, memories, replay, updates
 from streams.pipeline.roles import Runtime, build_runtime
 from streams.settings import Settings
 from streams.transport.producer import EventProducer
@@ -41,6 +41,6 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         lifespan=lifespan,
     )
     for router in (health.router, memories.router, commands.router, access.router, audit.router,
-                   updates.router, replay.router):  # fmt: skip
+                   updates.router, replay.router, chat.router):  # fmt: skip
         app.include_router(router)
     return app

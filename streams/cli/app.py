@@ -13,6 +13,7 @@ from rich.table import Table
 
 from infra import services
 from infra.process import InfraError
+from streams.cli import chat as chat_cli
 from streams.cli import replay as replay_cli
 from streams.cli.cube import cube_app
 from streams.settings import Settings
@@ -25,6 +26,7 @@ infra_app = typer.Typer(help="Start, stop and inspect the local services.")
 app.add_typer(infra_app, name="infra")
 app.add_typer(cube_app, name="cube")
 app.command("replay")(replay_cli.replay)
+app.command("chat")(chat_cli.chat)
 cube_app.command("show")(replay_cli.show)
 console = Console()
 

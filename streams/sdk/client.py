@@ -101,6 +101,20 @@ class MemoryClient:
     def status(self) -> dict[str, Any]:
         return self._ok(self._http.get("/v1/status"))
 
+    def chat(
+        self, cube_id: str, message: str | None = None,
+        messages: list[dict[str, str]] | None = None, stream: bool = False, **options: Any,
+    ) -> Any:  # fmt: skip
+        """A chat turn with the cube's memory (``POST /v1/cubes/{cube}/chat``). ``stream``: an
+        iterator of ``(event, data)``, ``token`` events then ``done``; else the ``done`` dict.
+        options: max_new_tokens, temperature, top_k, session_id, user, publish, debug."""
+        from streams.sdk.chat import chat_body, chat_events, chat_once
+
+        body = chat_body(message, messages, **options)
+        if stream:
+            return chat_events(self._http, cube_id, body)
+        return chat_once(self._http, cube_id, body)
+
     def access(self, cube_id: str, limit: int = 20) -> list[dict[str, Any]]:
         """The cube's most retrieved memories, hottest first (the access-stats agent)."""
         return self._ok(self._http.get(f"/v1/cubes/{cube_id}/access", params={"limit": limit}))

@@ -10,6 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from streams.api.deps import Service, service
+from streams.api.routes.chat import chat_status
 from streams.runtime.lag import group_lag
 from streams.transport.topics import COMMANDS, INTERACTIONS, MEMORY_OPS
 
@@ -76,4 +77,5 @@ async def status(svc: ServiceDep) -> dict[str, Any]:
         "counters": counters,
         "processors": health,
         "working_set": stores.searcher.working_set.stats() if stores else None,
+        "chat": chat_status(svc),
     }
