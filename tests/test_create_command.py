@@ -39,6 +39,7 @@ def adapter(sha: str, trained_on: tuple[str, ...] = ("m1",)) -> tuple[str, dict]
         {
             "uri": f"s3://memstream/lora/{sha}.safetensors",
             "base_model_id": "smollm2-135m@abc",
+            "base_weights_sha256": "ab" * 32,
             "rank": 8,
             "sha256": sha,
             "trained_on": list(trained_on),
@@ -52,6 +53,7 @@ def kv(sha: str) -> tuple[str, dict]:
         {
             "uri": f"s3://memstream/kv/{sha}.safetensors",
             "model_id": "smollm2-135m@abc",
+            "weights_sha256": "ab" * 32,
             "token_count": 256,
             "dtype": "float32",
             "sha256": sha,
@@ -235,9 +237,9 @@ def test_a_payload_on_anything_but_an_activate_of_a_kv_cache_is_refused(
     assert apply_command(memories, {**cmd, "payload": kv("09" * 32)[1]}).status == "APPLIED"
 
 
-def test_v1_and_v2_commands_read_as_v3_and_a_create_round_trips() -> None:
+def test_older_commands_read_as_the_latest_and_a_create_round_trips() -> None:
     codec = Codec()
-    assert codec.registry.latest("Command").version == 3
+    assert codec.registry.latest("Command").version == 4
     old = {
         "command_id": "c",
         "cube_id": "cube",
@@ -250,7 +252,7 @@ def test_v1_and_v2_commands_read_as_v3_and_a_create_round_trips() -> None:
         "evidence": {"age_days": 40.0},
         "payload": None,
     }
-    for version in (1, 2):
+    for version in (1, 2, 3):
         decoded = codec.decode(codec.encode("Command", old, version=version))
         assert decoded.writer_version == version
         assert decoded.record["supersedes"] == [] and decoded.record["source_op"] is None

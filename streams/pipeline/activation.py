@@ -148,8 +148,9 @@ class ActivationProcessor(Processor):
             return
         self._adapter_of[sha256_hex(data)] = adapter_sha
         uri, sha = self.blobs.put(KIND, data)  # the object first: the op only names it
-        payload = {"uri": uri, "model_id": lm.model_id, "token_count": tokens,
-                   "dtype": lm.dtype, "sha256": sha, "memory_ids": list(wanted)}  # fmt: skip
+        payload = {"uri": uri, "model_id": lm.model_id, "weights_sha256": lm.weights_sha256,
+                   "token_count": tokens, "dtype": lm.dtype, "sha256": sha,
+                   "memory_ids": list(wanted)}  # fmt: skip
         known = next((m for m in memories if m.memory_id == created_memory_id(
             cube_id, "ACTIVATION", payload_sha256(payload))), None)  # fmt: skip
         if known is not None:  # back to a cache the cube had: that memory again

@@ -79,10 +79,11 @@ class FinishedTraining:
 
 
 def parameter_payload(finished: FinishedTraining) -> dict[str, Any]:
-    """The ``ParameterPayload`` (MemoryOp v2) of the PARAMETER op that names this adapter."""
+    """The ``ParameterPayload`` (MemoryOp v3) of the PARAMETER op that names this adapter."""
     return {
         "uri": finished.uri,
         "base_model_id": finished.base_model_id,
+        "base_weights_sha256": finished.base_weights_sha256,
         "rank": finished.rank,
         "sha256": finished.sha256,
         "trained_on": list(finished.trained_on),

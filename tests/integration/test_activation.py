@@ -101,7 +101,10 @@ def test_hot_memories_get_a_stored_verified_kv_cache_and_a_damaged_one_is_rebuil
     assert set(cache.payload["memory_ids"]) == set(activated)
     assert {"pottery" in m.text or "violin" in m.text for m in activated.values()} == {True}
     lm = runtime.lm()
-    assert cache.payload["model_id"] == lm.model_id
+    assert (cache.payload["model_id"], cache.payload["weights_sha256"]) == (
+        lm.model_id,
+        lm.weights_sha256,
+    )
     prefix = memory_prefix(lm, [activated[i].text for i in cache.payload["memory_ids"]])
     blobs = BlobStore.from_settings(runtime.settings)
     stored = blobs.get_kv_cache(lm, cache.payload["uri"], cache.payload["sha256"],
@@ -138,6 +141,7 @@ def test_a_cube_with_stable_memories_gets_an_adapter_and_a_rollback_is_one_archi
     blobs = BlobStore.from_settings(runtime.settings)
     view, config = fetch_adapter(blobs, adapter.payload, lm)
     assert view is not None and config.rank == runtime.settings.lora_rank
+    assert adapter.payload["base_weights_sha256"] == lm.weights_sha256
     status = api.get("/v1/status").json()["processors"]["parameter"]["stats"]
     assert (
         status["trained"] >= 1

@@ -120,7 +120,9 @@ def test_background_training_reports_progress_and_never_blocks(settings: Setting
     payload = parameter_payload(done)
     ids = [m.memory_id for m in memories]
     assert payload == {"uri": done.uri, "base_model_id": "SmolLM2-135M-Instruct", "rank": 8,
+                       "base_weights_sha256": done.base_weights_sha256,
                        "sha256": done.sha256, "trained_on": ids}  # fmt: skip
+    assert len(done.base_weights_sha256) == 64
     assert len(blobs.get(done.uri, done.sha256)) == done.size
     assert done.version == 1 and len(done.step_losses) == 3
     assert done.loss_adapter < done.loss_base - 0.5, (done.loss_base, done.loss_adapter)
