@@ -469,3 +469,37 @@ def test_cli_and_sdk_chat_stream_from_the_running_api(server: Server, cube: str)
     assert any("cello" in t for t in once["memories"])
     bad = CliRunner().invoke(app, ["chat", "no spaces!", "-m", "hi", "--url", server.url])
     assert bad.exit_code == 1 and "not a cube name" in bad.output
+
+
+def test_the_cubes_adapter_is_applied_in_chat(
+    http: httpx.Client, client: openai.OpenAI, runtime: Runtime, cube: str
+) -> None:
+    from processors.lora import BaseIdentity, LoraSettings, train_adapter
+    from processors.ops import PARAMETER_PAYLOAD
+
+    s = runtime.settings
+    lm = load_lm(s.effective_lm_dir, s.lm_model, threads=s.lm_threads or None)
+    cello = memory_with(http, cube, "cello")
+    report = train_adapter(lm.model, lm.tokenizer, [cello["text"]], [cello["memory_id"]],
+                           BaseIdentity(lm.model_id, lm.weights_sha256),
+                           LoraSettings(rank=2, steps=1, max_tokens=32, batch_size=1))  # fmt: skip
+    uri, sha = BlobStore.from_settings(s).put("adapter", report.adapter.data)
+    payload = {"uri": uri, "base_model_id": lm.model_id, "base_weights_sha256": lm.weights_sha256,
+               "rank": 2, "sha256": sha, "trained_on": [cello["memory_id"]]}  # fmt: skip
+    command = create_command(cube, (PARAMETER_PAYLOAD, payload), "test/0", T0 + timedelta(days=40))
+    with EventProducer(s) as producer:
+        producer.publish(s.topic(COMMANDS.name), cube, COMMANDS.record, command)
+    wait(lambda: http.get(f"/v1/memories/{command['memory_id']}").status_code == 200, 60,
+         "the PARAMETER memory was not created")  # fmt: skip
+
+    answer = client.chat.completions.create(
+        model=f"memstream/{cube}",
+        messages=[{"role": "user", "content": "Who teaches me the cello?"}],
+        max_tokens=2,
+        extra_body={"memstream": {"publish": False}},
+    )
+    ext = answer.model_extra["memstream"]
+    assert ext["adapter"] == {"memory_id": command["memory_id"], "sha256": sha, "applied": True,
+                              "detail": "applied"}  # fmt: skip
+    # The stored cache was computed without the adapter: it does not fit, so it is recomputed.
+    assert ext["prefix"]["source"] in ("computed", "process-cache")
