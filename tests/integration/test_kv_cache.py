@@ -135,6 +135,12 @@ def test_a_changed_byte_is_refused(lm: LocalLM, blobs: BlobStore, prefilled: tup
     assert "changed after it was written" in str(refused.value)
     with pytest.raises(BlobCorrupted):
         blobs.get(uri, sha256)
+    good = dump_for(lm, prefilled[2], prefilled[0], read_meta(bytes(data)).memory_ids)
+    assert blobs.put("kv", good) == (uri, sha256)  # same size: left alone, still bad
+    with pytest.raises(BlobCorrupted):
+        blobs.get(uri, sha256)
+    blobs.put("kv", good, replace=True)  # the repair
+    assert blobs.get(uri, sha256) == good
 
 
 def test_a_truncated_object_is_refused(lm: LocalLM, blobs: BlobStore, prefilled: tuple) -> None:
