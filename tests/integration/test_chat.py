@@ -262,8 +262,9 @@ def test_a_stored_kv_cache_is_reused_as_the_prefix_and_a_corrupted_one_refused(
         cache, tokens = lm.prefill(prefix)
         ids = [m["memory_id"] for m in memories]
         uri, sha, _ = blobs.put_kv_cache(lm, cache, prefix, memory_ids=ids)
-        payload = {"uri": uri, "model_id": lm.model_id, "token_count": tokens,
-                   "dtype": lm.dtype, "sha256": sha, "memory_ids": ids}  # fmt: skip
+        payload = {"uri": uri, "model_id": lm.model_id, "weights_sha256": lm.weights_sha256,
+                   "token_count": tokens, "dtype": lm.dtype, "sha256": sha,
+                   "memory_ids": ids}  # fmt: skip
         return create_command(cube, (ACTIVATION_PAYLOAD, payload), "test/0",
                               T0 + timedelta(days=day), supersedes=supersedes)  # fmt: skip
 
