@@ -258,6 +258,10 @@ class FoldMemoryContext:
         if payload.get("model_id") != lm.model_id:
             return (f"activation memory {activation.memory_id} is a cache of model "
                     f"{payload.get('model_id')!r}, not {lm.model_id!r}")  # fmt: skip
+        if payload.get("weights_sha256", "") not in ("", lm.weights_sha256):
+            theirs, ours = payload["weights_sha256"][:12], lm.weights_sha256[:12]
+            return (f"activation memory {activation.memory_id} was computed by other weights "
+                    f"({theirs}), not {ours}")  # fmt: skip
         texts = tuple(by_id[i].text for i in ids)
         text = memory_prefix(lm, texts)
         sha = str(payload.get("sha256", ""))
