@@ -153,3 +153,32 @@ def test_a_cube_with_stable_memories_gets_an_adapter_and_a_rollback_is_one_archi
                           "reason": "rollback"})  # fmt: skip
     assert sent.status_code == 202
     wait(lambda: current(runtime, cube, "PARAMETER") is None, 60, "rollback not applied")
+
+
+def test_a_rebuild_restores_activation_memory_from_the_log_without_recomputing(
+    api: TestClient, runtime: Runtime, cube: str
+) -> None:
+    activation = runtime.host.get("activation")
+
+    def settled() -> Any:
+        cache = current(runtime, cube, "ACTIVATION")
+        stats = runtime.host.get("activation").stats()
+        return cache if cache is not None and stats["pending"] == 0 else None
+
+    before = wait(settled, 240, "the cube's cache never settled")
+    time.sleep(3 * activation.every_s)  # a few more passes: nothing left to build
+    before = current(runtime, cube, "ACTIVATION")
+    built = runtime.host.get("activation").stats()["caches_built"]
+    target = api.post("/v1/replay", json={"mode": "rebuild"}).json()["next"]["id"]
+    wait(lambda: api.get("/v1/replay").json()["current"]["id"] == target, 180, "never switched")
+    after = wait(lambda: current(runtime, cube, "ACTIVATION"), 60, "no cache after the rebuild")
+    assert (after.memory_id, after.payload) == (before.memory_id, before.payload)
+    # The chat's prefix is the stored cache, found by its URI and verified by its hash.
+    answer = api.post(f"/v1/cubes/{cube}/chat",
+                      json={"message": "What do I do on Saturdays?", "stream": False,
+                            "max_new_tokens": 2, "publish": False})  # fmt: skip
+    assert answer.status_code == 200, answer.text
+    prefix = answer.json()["prefix"]
+    assert prefix["source"] == "activation-memory", prefix
+    assert prefix["activation_memory_id"] == before.memory_id
+    assert runtime.host.get("activation").stats()["caches_built"] == built
