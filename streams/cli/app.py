@@ -408,8 +408,30 @@ def demo(
             table.add_row(row["op"], str(row["ops"]))
         console.print(table)
         _demo_rebuild(client, cube, [qa["question"] for qa in sample.qa[:3]])
+        _demo_chat(client, cube, f"Where does {speaker} live now?")
     finally:
         worker.stop()
+
+
+def _demo_chat(client: MemoryClient, cube: str, question: str) -> None:
+    """A chat turn answered by the local LM with the cube's memories (streamed)."""
+    import itertools
+
+    console.print(f"[bold]chat:[/] {question}")
+    with console.status("the local LM loads on the first chat (the first run converts it)..."):
+        events = client.chat(cube, question, stream=True, max_new_tokens=40)
+        first = next(events, None)
+    done = None
+    for event, data in itertools.chain([first] if first else [], events):
+        if event == "token":
+            console.print(data.get("text", ""), end="", highlight=False)
+        elif event == "done":
+            done = data
+    console.print()
+    if done:
+        used = ", ".join(m["text"][:40] for m in done.get("memories", [])[:3])
+        console.print(f"[dim]memories used: {used} ... (prefix: {done['prefix']['source']}; "
+                      "the turn is published back as interactions)[/]")  # fmt: skip
 
 
 class _Updates:
