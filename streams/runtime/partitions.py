@@ -139,9 +139,7 @@ def restore_partitions(
     ``snapshot_key``, the topic by default), then one read of all their tails together."""
     starts, found = {}, {}
     for p in partitions:
-        snapshot = (
-            snapshots.latest(snapshot_key or topic, p) if snapshots is not None else None
-        )
+        snapshot = snapshots.latest(snapshot_key or topic, p) if snapshots is not None else None
         if snapshot is not None:
             load(snapshot.states)
         starts[p] = snapshot.next_offset if snapshot else 0
