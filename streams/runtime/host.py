@@ -96,13 +96,18 @@ class Host:
             self._run(slot)
 
     def remove(self, name: str, timeout: float = 30.0) -> None:
-        """Stop one processor (after its current step) and forget it."""
+        """Stop one processor (after its current step), then forget it: whoever checks for the
+        name (a replay resuming its processor) never sees a second instance start while the
+        first is still stopping."""
+        slot = self.slots.get(name)
+        if slot is None:
+            return
+        slot.stop.set()
+        if slot.thread is not None:
+            slot.thread.join(timeout)
         with self._lock:
-            slot = self.slots.pop(name, None)
-        if slot is not None:
-            slot.stop.set()
-            if slot.thread is not None:
-                slot.thread.join(timeout)
+            if self.slots.get(name) is slot:
+                del self.slots[name]
 
     def promote(self, source: str, target: str, timeout: float = 30.0) -> None:
         """Let the running ``source`` take ``target``'s place: ``target`` is stopped, and
