@@ -62,7 +62,8 @@ class MiniLMEmbedder:
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
-EMBEDDERS = ("torch", "onnx", "onnx-int8")
+EMBEDDERS = ("torch", "onnx", "onnx-int8", "onnx-int8-static")
+ONNX_MODES = {"onnx": "fp32", "onnx-int8": "int8", "onnx-int8-static": "int8-static"}
 
 
 @cache
@@ -70,15 +71,18 @@ def load_embedder(kind: str = "torch", cache_dir: Path | None = None) -> Embedde
     """The process-wide embedder of a kind (loading takes seconds: do it once).
 
     ``torch``: sentence-transformers; ``onnx``: the same model on ONNX Runtime (same vectors);
-    ``onnx-int8``: per-channel int8 weights, dynamically quantized activations (2x faster again,
-    cosine ~0.99 to fp32). The activation scale is computed per run, so each text runs alone:
-    its vector never depends on what it was embedded with, and replays stay exact.
+    ``onnx-int8``: per-channel int8 weights, dynamically quantized activations (cosine ~0.99 to
+    fp32). The activation scale is computed per run, so each text runs alone: its vector never
+    depends on what it was embedded with, and replays stay exact. ``onnx-int8-static``: int8
+    weights and activations with scales calibrated once (fixed in the model, cosine ~0.99 to
+    fp32), so texts of the same token count run together and a vector still never depends on
+    its batch. fp32 and static int8 batch only texts of equal length (no padding).
     """
     if kind == "torch":
         return MiniLMEmbedder()
-    if kind in ("onnx", "onnx-int8"):
+    if kind in ONNX_MODES:
         from processors.onnx_embedder import OnnxMiniLMEmbedder
 
         folder = cache_dir or Path.home() / ".cache" / "memstream" / "tools" / "onnx"
-        return OnnxMiniLMEmbedder(folder, quantize=kind == "onnx-int8")
+        return OnnxMiniLMEmbedder(folder, quantize=ONNX_MODES[kind])
     raise ValueError(f"unknown embedder {kind!r} (known: {', '.join(EMBEDDERS)})")

