@@ -92,6 +92,8 @@ def write(
 
 
 def _cell(value: Any) -> str:
+    if isinstance(value, float) and 0 < abs(value) < 1:
+        return f"{value:.4g}"  # cosines, shares: 0.99 would hide what differs
     return f"{value:,.2f}" if isinstance(value, float) else str(value)
 
 

@@ -190,7 +190,8 @@ def serve(
 @app.command()
 def bench(
     name: Annotated[
-        str, typer.Argument(help="ingest, search, quality, restart, profile, replay or kv.")
+        str,
+        typer.Argument(help="ingest, search, quality, restart, profile, replay, kv or embedder."),
     ],
     interactions: Annotated[
         int | None,
@@ -245,10 +246,14 @@ def bench(
         from bench import kv
 
         kv.run(tuple(sizes or kv.SIZES))
+    elif name == "embedder":
+        from bench import embedder
+
+        embedder.run()
     else:
         raise _fail(
             f"unknown benchmark {name!r} "
-            "(known: ingest, search, quality, restart, profile, replay, kv)"
+            "(known: ingest, search, quality, restart, profile, replay, kv, embedder)"
         )
 
 
