@@ -23,7 +23,7 @@ from openai import OpenAI
 
 from processors.dates import resolve
 
-READER_VERSION = "rules/1"
+READER_VERSION = "rules/2"
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,11 @@ class Extractor(Protocol):
 
     name: str
 
-    def extract(self, interaction: dict[str, Any]) -> list[MemoryItem]: ...
+    def extract(
+        self, interaction: dict[str, Any], previous: Turn | None = None
+    ) -> list[MemoryItem]:
+        """``previous``: the turn before this one in its session, if the reader knows it."""
+        ...
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
@@ -118,49 +122,103 @@ def subject_key(speaker: str, sentence: str) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Turn:
+    """The turn before an interaction in its session, as the reader remembers it: who spoke and
+    their own words (dates resolved), recovered from that turn's memory by :func:`own_words`."""
+
+    speaker: str
+    text: str
+    asked: bool = False
+
+
+_CONTEXT = " (replying to "
+_QUESTION = re.compile(r"\?[\"')\]]*$")
+
+
+def own_words(memory_text: str) -> Turn:
+    """The speaker and own words of a memory the rules wrote (its reply context removed)."""
+    head, _, _ = memory_text.partition(_CONTEXT)
+    speaker, sep, said = head.partition(" said: ")
+    if sep:
+        return Turn(speaker, said)
+    speaker, sep, said = head.partition(" asked: ")
+    return Turn(speaker, said, asked=True) if sep else Turn("", head)
+
+
+def is_question(text: str) -> bool:
+    return bool(_QUESTION.search(text.strip()))
+
+
 class RuleExtractor:
-    """Offline extraction: one item per informative sentence, short ones joined to a neighbour."""
+    """Offline extraction: one memory per turn that says something, told so it stands alone.
+
+    - A turn is one memory, not one per sentence: its sentences explain each other ("I made
+      something to catch the eye" is about the pottery named a sentence before), and one text
+      per turn is what the embedder pays for.
+    - A reply carries the turn it answers (the session's previous turn, by someone else):
+      "Melanie said: Yeah, last year! (replying to Caroline: Did you paint that sunrise?)". A
+      short answer means nothing without its question, and the question's words are what a later
+      search uses. A turn that only asks is stored as asked (search may rank it as context).
+    - A sentence of several that states a changing fact (home, job, a favourite) is also a
+      memory of its own, with a subject key, so that a newer statement supersedes that fact and
+      not the turn; so is one that names a date: "when" questions ask for that one event.
+    - Filler ("Thanks!", "Wow, cool") and turns without words are not memories.
+    """
 
     name = READER_VERSION
 
-    def __init__(self, min_words: int = 6) -> None:
-        self.min_words = min_words
+    def __init__(self, context_words: int = 60) -> None:
+        self.context_words = context_words
 
-    def extract(self, interaction: dict[str, Any]) -> list[MemoryItem]:
+    def extract(
+        self, interaction: dict[str, Any], previous: Turn | None = None
+    ) -> list[MemoryItem]:
         speaker = interaction["speaker"].strip()
         content, _ = resolve(interaction["content"], interaction["event_time"])
-        chunks: list[tuple[str, str | None]] = []
-        for sentence in split_sentences(content):
-            if _FILLER.match(sentence) or not _WORD.search(sentence):
-                continue
-            key = subject_key(speaker, sentence)
-            short = len(sentence.split()) < self.min_words
-            previous = chunks[-1] if chunks else None
-            joinable = previous is not None and key is None
-            if joinable and (short or len(previous[0].split()) < self.min_words):
-                chunks[-1] = (f"{previous[0]} {sentence}", previous[1])
-            else:
-                chunks.append((sentence, key))
-        return [
-            MemoryItem(
-                text=f"{speaker} said: {chunk}",
-                tags=tuple(keywords(chunk)),
-                key=key,
-                dates=tuple(_RESOLVED.findall(chunk)),
-            )
-            for chunk, key in chunks
+        sentences = [
+            s for s in split_sentences(content) if _WORD.search(s) and not _FILLER.match(s)
         ]
+        if not sentences:
+            return []
+        said = " ".join(sentences)
+        verb = "asked" if all(is_question(s) for s in sentences) else "said"
+        text = f"{speaker} {verb}: {said}"
+        if previous is not None and previous.text and previous.speaker != speaker:
+            words = previous.text.split()
+            snippet = " ".join(words[: self.context_words])
+            if len(words) > self.context_words:
+                snippet += " ..."
+            text += f"{_CONTEXT}{previous.speaker}: {snippet})"
+        keys = [subject_key(speaker, s) for s in sentences]
+        alone = len(sentences) == 1
+        items = [MemoryItem(text=text, tags=tuple(keywords(said)), key=keys[0] if alone else None,
+                            dates=tuple(_RESOLVED.findall(said)))]  # fmt: skip
+        if alone:
+            return items
+        for sentence, key in zip(sentences, keys, strict=True):
+            if key is not None or _RESOLVED.search(sentence):
+                items.append(
+                    MemoryItem(
+                        text=f"{speaker} said: {sentence}",
+                        tags=tuple(keywords(sentence)),
+                        key=key,
+                        dates=tuple(_RESOLVED.findall(sentence)),
+                    )
+                )
+        return items
 
 
 LLM_PROMPT = """You extract long-term memories from one turn of a conversation.
 Speaker: {speaker}
 Said at: {when}
 Text: {content}
-
+{previous}
 Return JSON: {{"memories": [{{"text": str, "tags": [str], "key": str or null}}]}}.
 Each text is one self-contained fact that names the speaker instead of "I" and writes every
 relative time ("yesterday", "last week") as an absolute date. "key" names the subject of a fact a
 newer statement could replace, as "<speaker>/<attribute>" (e.g. "caroline/home"), else null.
+When the turn answers or refers to the previous one, write each memory so it stands alone.
 Return {{"memories": []}} when the turn holds nothing worth remembering."""
 
 
@@ -208,12 +266,14 @@ class LLMExtractor:
             max_retries=max_retries,
         )
 
-    def extract(self, interaction: dict[str, Any]) -> list[MemoryItem]:
+    def extract(
+        self, interaction: dict[str, Any], previous: Turn | None = None
+    ) -> list[MemoryItem]:
         if time.monotonic() < self._skip_until:
             self.fallbacks += 1
-            return self._rules.extract(interaction)
+            return self._rules.extract(interaction, previous)
         try:
-            return self._ask(interaction)
+            return self._ask(interaction, previous)
         except (openai.APIConnectionError, openai.APIStatusError) as exc:
             down = isinstance(exc, openai.APIConnectionError) or _retried_status(exc.status_code)
             if down:
@@ -229,14 +289,15 @@ class LLMExtractor:
             reason[:300],
             f", LLM skipped for {self.cooldown:.0f}s" if down else "",
         )
-        return self._rules.extract(interaction)
+        return self._rules.extract(interaction, previous)
 
-    def _ask(self, interaction: dict[str, Any]) -> list[MemoryItem]:
+    def _ask(self, interaction: dict[str, Any], previous: Turn | None) -> list[MemoryItem]:
         when: datetime = interaction["event_time"]
         prompt = LLM_PROMPT.format(
             speaker=interaction["speaker"],
             when=when.strftime("%A %d %B %Y, %H:%M UTC"),
             content=interaction["content"],
+            previous=f"Previous turn, by {previous.speaker}: {previous.text}\n" if previous else "",
         )
         completion = self._client.chat.completions.create(
             model=self.model,

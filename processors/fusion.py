@@ -7,6 +7,7 @@ state it saw the first time (its item's memory already exists: the item is done,
 
 from __future__ import annotations
 
+import bisect
 import re
 import threading
 from collections.abc import Callable, Iterable
@@ -15,11 +16,13 @@ from typing import Any, Literal
 
 import numpy as np
 
+from processors.extract import own_words
 from processors.fold import Memory, MemoryTable
 from processors.ops import embedding_vector
 
 Decision = Literal["ADD", "MERGE", "UPDATE"]
 _DATES = re.compile(r"\(([^()]*\d{4})\)")
+REPEAT_OVERLAP = 0.5  # share of the smaller keyword set a repeat must have in common
 
 
 class VectorIndex:
@@ -69,6 +72,9 @@ class CubeMemories:
         self.table = MemoryTable()
         self._vectors: dict[str, VectorIndex] = {}
         self._keys: dict[str, dict[str, str]] = {}
+        # (cube, session) -> the log offsets of the turns that made memories, sorted, and the
+        # event id at each: what the reader asks for "the turn before this one".
+        self._turns: dict[tuple[str, str], tuple[list[int], dict[int, str]]] = {}
         self.lock = threading.RLock()
 
     def apply(self, op: dict[str, Any]) -> list[Memory]:
@@ -99,12 +105,32 @@ class CubeMemories:
                 del self._vectors[cube_id]
             for cube_id in [c for c in self._keys if gone(c)]:
                 del self._keys[cube_id]
+            for session in [s for s in self._turns if gone(s[0])]:
+                del self._turns[session]
             return len(dropped)
 
     def __len__(self) -> int:
         return len(self.table.memories)
 
+    def turn_before(self, cube_id: str, session_id: str, offset: int) -> tuple[int, str] | None:
+        """The (offset, event id) of the latest turn of the session before ``offset`` that made
+        a memory, whatever became of that memory since."""
+        with self.lock:
+            turns = self._turns.get((cube_id, session_id))
+            if turns is None:
+                return None
+            offsets, events = turns
+            at = bisect.bisect_left(offsets, offset)
+            return (offsets[at - 1], events[offsets[at - 1]]) if at else None
+
     def _index(self, memory: Memory) -> None:
+        source = memory.source or {}
+        if source.get("session_id") and source.get("offset") is not None:
+            offsets, events = self._turns.setdefault((memory.cube_id, source["session_id"]),
+                                                     ([], {}))  # fmt: skip
+            if source["offset"] not in events:
+                bisect.insort(offsets, source["offset"])
+                events[source["offset"]] = source["event_id"]
         vectors = self._vectors.setdefault(memory.cube_id, VectorIndex(self.dim))
         keys = self._keys.setdefault(memory.cube_id, {})
         if memory.current and memory.embedding:
@@ -141,6 +167,21 @@ def dates_in(text: str) -> set[str]:
     return set(_DATES.findall(text))
 
 
+def repeats(known: Memory, text: str, tags: Iterable[str]) -> bool:
+    """Whether ``text`` can be a repeat of ``known`` besides being close in meaning: the same
+    speaker, the same dates (the same words about another day are another event), and most of
+    the same content words of their own (a reply quotes the turn it answers, so two memories can
+    be close through that quote alone)."""
+    if own_words(known.text).speaker != own_words(text).speaker:
+        return False
+    if dates_in(known.text) != dates_in(text):
+        return False
+    mine, theirs = set(tags), set(known.tags)
+    if not mine and not theirs:
+        return True
+    return len(mine & theirs) >= REPEAT_OVERLAP * min(len(mine), len(theirs)) > 0
+
+
 def decide(
     memories: CubeMemories,
     cube_id: str,
@@ -148,26 +189,23 @@ def decide(
     key: str | None,
     vector: np.ndarray,
     merge_threshold: float,
+    tags: Iterable[str] = (),
 ) -> Verdict:
     """ADD a new fact, MERGE a repeat into its earlier copy, or UPDATE a changed fact.
 
-    A repeat is a current memory at cosine >= ``merge_threshold`` that names the same dates (the
-    same words about another day are another event). A change is a current memory with the same
-    subject key whose content differs.
+    A repeat is a current memory at cosine >= ``merge_threshold`` that :func:`repeats` allows.
+    A change is a current memory with the same subject key whose content differs.
     """
+    tags = list(tags)
     if key:
         known = memories.by_key(cube_id, key)
         if known is not None:
             similarity = float(embedding_vector(known.embedding) @ vector)
-            if similarity >= merge_threshold and dates_in(known.text) == dates_in(text):
+            if similarity >= merge_threshold and repeats(known, text, tags):
                 return Verdict("MERGE", known, similarity)
             return Verdict("UPDATE", known, similarity)
     nearest, similarity = memories.nearest(cube_id, vector)
-    if (
-        nearest is not None
-        and similarity >= merge_threshold
-        and dates_in(nearest.text) == dates_in(text)
-    ):
+    if nearest is not None and similarity >= merge_threshold and repeats(nearest, text, tags):
         return Verdict("MERGE", nearest, similarity)
     return Verdict("ADD")
 

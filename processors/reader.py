@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from processors.embedder import Embedder
-from processors.extract import Extractor
+from processors.extract import Extractor, MemoryItem, Turn, own_words
 from processors.fusion import CubeMemories, decide, union
 from processors.ops import (
     embedding_bytes,
@@ -66,11 +66,15 @@ class MemReader:
 
     def process(self, batch: list[Sourced]) -> list[dict[str, Any]]:
         """The ops for a batch, in the order they must be published (and already folded)."""
-        items = [
-            (source, index, item)
-            for source in batch
-            for index, item in enumerate(self.extractor.extract(source.interaction))
-        ]
+        items: list[tuple[Sourced, int, MemoryItem]] = []
+        said: dict[tuple[str, str], list[tuple[int | None, Turn]]] = {}  # this batch's turns
+        for source in batch:
+            i = source.interaction
+            session = (i["cube_id"], i.get("session_id") or "")
+            extracted = self.extractor.extract(i, self._previous(source, said.get(session, [])))
+            if extracted:
+                said.setdefault(session, []).append((source.offset, own_words(extracted[0].text)))
+            items.extend((source, index, item) for index, item in enumerate(extracted))
         todo = [
             (source, index, item)
             for source, index, item in items
@@ -82,6 +86,21 @@ class MemReader:
             ops.extend(self._fuse(source, index, item, vector))
         return ops
 
+    def _previous(self, source: Sourced, said: list[tuple[int | None, Turn]]) -> Turn | None:
+        """The turn before ``source`` in its session: from this batch, or from the fold (the
+        first memory that turn made), so a batch, a restart and a replay all see the same."""
+        offset = source.offset
+        if offset is None:  # not from the log: this batch's order is all there is
+            return said[-1][1] if said else None
+        earlier = [(o, turn) for o, turn in said if o is not None and o < offset]
+        i = source.interaction
+        found = self.memories.turn_before(i["cube_id"], i.get("session_id") or "", offset)
+        if found is not None and (not earlier or found[0] > earlier[-1][0]):
+            memory = self.memories.get(memory_id(i["cube_id"], found[1], 0, self.generation))
+            if memory is not None:
+                return own_words(memory.text)
+        return earlier[-1][1] if earlier else None
+
     def _memory_id(self, source: Sourced, index: int) -> str:
         i = source.interaction
         return memory_id(i["cube_id"], i["event_id"], index, self.generation)
@@ -90,7 +109,8 @@ class MemReader:
         i = source.interaction
         cube, event, at = i["cube_id"], i["event_id"], i["event_time"]
         new_id = self._memory_id(source, index)
-        verdict = decide(self.memories, cube, item.text, item.key, vector, self.merge_threshold)
+        verdict = decide(self.memories, cube, item.text, item.key, vector, self.merge_threshold,
+                         item.tags)  # fmt: skip
         payload = plaintext_payload(
             item.text,
             embedding_bytes(vector),

@@ -23,6 +23,7 @@ from typing import Any
 
 import bm25s
 import numpy as np
+import Stemmer
 
 from processors.embedder import DIM
 from processors.fold import Memory
@@ -30,6 +31,13 @@ from processors.ops import embedding_vector
 from sinks.milvus import NO_TIME, epoch_ms, row_fields
 
 Loader = Callable[[str], list[dict[str, Any]]]
+# "painted" finds "painting", "de-stress" finds "destress": Snowball English on both sides.
+STEMMER = Stemmer.Stemmer("english")
+
+
+def tokenize(texts: list[str], return_ids: bool = True) -> Any:
+    return bm25s.tokenize(texts, stopwords="en", stemmer=STEMMER.stemWords,
+                          return_ids=return_ids, show_progress=False)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -81,7 +89,7 @@ class Snapshot:
         """BM25 top-``limit`` among the kept rows, only rows that share a term with the query."""
         if self.bm25 is None:
             return []
-        tokens = bm25s.tokenize([query], stopwords="en", return_ids=False, show_progress=False)
+        tokens = tokenize([query], return_ids=False)
         known = [t for t in tokens[0] if t in self.bm25.vocab_dict]
         if not known:
             return []
@@ -132,8 +140,7 @@ def _build(rows: dict[str, dict[str, Any]], vectors: dict[str, np.ndarray]) -> S
     if ordered:
         corpus = [f"{r['text']} {' '.join(r.get('tags') or [])}" for r in ordered]
         bm25 = bm25s.BM25()
-        bm25.index(bm25s.tokenize(corpus, stopwords="en", show_progress=False),
-                   show_progress=False)  # fmt: skip
+        bm25.index(tokenize(corpus), show_progress=False)
     return Snapshot(
         ids=ids,
         rows=ordered,
