@@ -36,9 +36,10 @@ def latency_summary(samples_ms: list[float], wall_s: float) -> dict[str, float]:
 def timing_split(timings: list[dict[str, float]]) -> dict[str, float]:
     """Median time per search part (the Searcher's ``last_timing`` / the API's ``timing_ms``):
     query embedding against the store (snapshot, exact cosine, BM25), and the embedding share."""
-    part = {k: float(np.median([t[k] for t in timings])) for k in
-            ("embed_ms", "snapshot_ms", "dense_ms", "keyword_ms")}  # fmt: skip
-    store = part["snapshot_ms"] + part["dense_ms"] + part["keyword_ms"]
+    part = {k: float(np.median([t.get(k, 0.0) for t in timings])) for k in
+            ("embed_ms", "snapshot_ms", "dense_ms", "keyword_ms", "rank_ms")}  # fmt: skip
+    # a Searcher that times dense and BM25 as one ``rank_ms`` reports them as that
+    store = part["snapshot_ms"] + part["dense_ms"] + part["keyword_ms"] + part["rank_ms"]
     return {
         "embed_ms_median": round(part["embed_ms"], 2),
         "store_ms_median": round(store, 2),
@@ -53,21 +54,23 @@ def write(
     results: dict[str, Any],
     console: Console | None = None,
     side_by_side: tuple[str, ...] = (),
+    show: bool = True,
 ) -> Path:
     """Print every number as a table and write them (with the machine) to results/<name>.json.
 
     ``side_by_side`` names keys of ``results`` holding the same measurements for different
-    systems: they share one table, a column each, a row per metric.
+    systems: they share one table, a column each, a row per metric. ``show=False``: the caller
+    printed its own table; only the file is written.
     """
     console = console or Console()
     systems = [s for s in side_by_side if s in results]
     rest = {k: v for k, v in results.items() if k not in systems}
-    if rest:
+    if rest and show:
         table = Table("metric", "value", title=f"memstream bench {name}")
         for key, value in _flatten(rest):
             table.add_row(key, _cell(value))
         console.print(table)
-    if systems:
+    if systems and show:
         table = Table("metric", *systems, title=f"memstream bench {name}: side by side")
         columns = [dict(_flatten(results[s])) for s in systems]
         for key in dict.fromkeys(k for c in columns for k in c):

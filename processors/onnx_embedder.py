@@ -18,9 +18,9 @@ import hashlib
 import os
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -212,7 +212,8 @@ def _tokenizer():  # type: ignore[no-untyped-def]
 
 
 class OnnxMiniLMEmbedder:
-    """MiniLM through ONNX Runtime on CPU; thread-safe.
+    """MiniLM through ONNX Runtime on CPU; thread-safe (no lock: a query need not wait for a
+    reader's batch).
 
     The dynamic int8 model quantizes activations with one scale per tensor per run: texts run
     together would share a scale, and a text's vector would depend on its companions (a fusion
@@ -224,7 +225,8 @@ class OnnxMiniLMEmbedder:
     The intra-op thread pool does not spin-wait between operators
     (``session.intra_op.allow_spinning`` off): a 10-token query is ~200 small operators, and on
     a busy 2-core machine spinning threads steal the core the other one needs (a query took
-    17 ms spinning, 6 ms not).
+    17 ms spinning, 6 ms not). A run of one text uses a one-thread session (a query's 200
+    operators are too small to split); texts that run alone run one per core.
     """
 
     dim = DIM
@@ -244,9 +246,15 @@ class OnnxMiniLMEmbedder:
         self._session = ort.InferenceSession(
             str(self.path), options, providers=["CPUExecutionProvider"]
         )
+        self._threads = options.intra_op_num_threads
+        self._single = self._session
+        if self._threads > 1:  # one text: one thread, no per-operator barrier (same numbers)
+            options.intra_op_num_threads = 1
+            self._single = ort.InferenceSession(
+                str(self.path), options, providers=["CPUExecutionProvider"]
+            )
         self._tokenizer = _tokenizer()
         self._batch_size = 1 if self.mode == "int8" else batch_size
-        self._lock = threading.Lock()
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
@@ -256,20 +264,25 @@ class OnnxMiniLMEmbedder:
         same_length: dict[int, list[int]] = {}
         for row, e in enumerate(encoded):
             same_length.setdefault(len(e.ids), []).append(row)
-        with self._lock:
-            for rows in same_length.values():
-                for start in range(0, len(rows), self._batch_size):
-                    chunk = rows[start : start + self._batch_size]
-                    ids = np.array([encoded[i].ids for i in chunk], dtype=np.int64)
-                    mask = np.ones_like(ids)
-                    hidden = self._session.run(
-                        None,
-                        {
-                            "input_ids": ids,
-                            "attention_mask": mask,
-                            "token_type_ids": np.zeros_like(ids),
-                        },
-                    )[0]
-                    pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
-                    out[chunk] = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+        chunks = [rows[start : start + self._batch_size] for rows in same_length.values()
+                  for start in range(0, len(rows), self._batch_size)]  # fmt: skip
+        if self._threads > 1 and len(chunks) > 1 and max(map(len, chunks)) == 1:
+            # texts run alone (dynamic int8): one per core, each run single-threaded
+            with ThreadPoolExecutor(self._threads) as pool:
+                runs = pool.map(lambda chunk: self._run(encoded, chunk), chunks)
+                for chunk, vectors in zip(chunks, runs, strict=True):
+                    out[chunk] = vectors
+        else:
+            for chunk in chunks:
+                out[chunk] = self._run(encoded, chunk)
         return out
+
+    def _run(self, encoded: list, chunk: list[int]) -> np.ndarray:  # type: ignore[type-arg]
+        """Unit vectors of texts of one token count (ORT sessions are safe to share)."""
+        ids = np.array([encoded[i].ids for i in chunk], dtype=np.int64)
+        mask = np.ones_like(ids)
+        session = self._single if len(chunk) == 1 else self._session
+        inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        hidden = session.run(None, inputs)[0]
+        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+        return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)

@@ -45,6 +45,8 @@ def test_a_vector_does_not_depend_on_its_batch(kind: str, onnx_dir) -> None:  # 
     together = embedder.encode(TEXTS)
     alone = np.vstack([embedder.encode([t]) for t in TEXTS])
     assert np.array_equal(together, alone)  # bit for bit: fusion decisions replay exactly
+    one_thread = OnnxMiniLMEmbedder(onnx_dir, embedder.mode, threads=1).encode(TEXTS + MIXED)
+    assert np.array_equal(one_thread, embedder.encode(TEXTS + MIXED))  # any thread count
     assert np.allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
 
 
