@@ -1,11 +1,17 @@
-"""Retrieval quality on LoCoMo, through the real pipeline, next to two baselines of its own.
+"""Retrieval quality on LoCoMo, next to two baselines of its own, overall, per category and
+per conversation.
 
-For each conversation of the file: ingest it with its real timestamps through `memstream serve`,
-then for every question (adversarial ones excluded) search and score the gold evidence turns.
+Two modes. By default, through the real pipeline: each conversation is ingested with its real
+timestamps through `memstream serve`, then every question (adversarial ones excluded) is searched
+over HTTP. With ``cv=True``, in process and without services (:mod:`bench.quality_local`: the
+same reader, fold and ranking), as leave-one-conversation-out cross-validation: the ranking's
+knobs are chosen on the other conversations and scored on the one left out, so a number is never
+one the knobs were tuned on.
+
 The memories a search returns are mapped back to the turns they came from (in rank order, each
 turn once). Baselines over the raw turns, computed here: BM25 (bm25s) and dense MiniLM (the same
-embedder the pipeline uses). Metrics: recall_any@k and recall_all@k (k = 5, 10, 20) and NDCG@10,
-overall and per category.
+embedder). Metrics: recall@k (the share of gold turns in the top k), recall_any@k, recall_all@k
+(all gold turns in the top k; "all-gold") for k = 5, 10, 20, and NDCG@10.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ def score(ranked: list[str], gold: list[str]) -> dict[str, float]:
     out: dict[str, float] = {}
     for k in KS:
         top = set(ranked[:k])
+        out[f"recall@{k}"] = len(top & gold_set) / len(gold_set)
         out[f"recall_any@{k}"] = float(bool(top & gold_set))
         out[f"recall_all@{k}"] = float(gold_set <= top)
     dcg = sum(1 / math.log2(i + 2) for i, t in enumerate(ranked[:10]) if t in gold_set)
@@ -121,6 +128,7 @@ def run(
                         scored = score(ranked, gold)
                         per_system[system]["overall"].append(scored)
                         per_system[system][category].append(scored)
+                        per_system[system][sample.sample_id].append(scored)
                 progress.advance(task)
     finally:
         worker.stop()
@@ -144,38 +152,78 @@ def run(
                 if key not in peer["runs"]:
                     continue
                 scored = score(peer["runs"][key], locomo.evidence(qa, known))
-                per_system["mem0"]["overall"].append(scored)
-                per_system["mem0"][locomo.CATEGORIES.get(qa.get("category"), "other")].append(
-                    scored
-                )
+                category = locomo.CATEGORIES.get(qa.get("category"), "other")
+                for group in ("overall", category, sample.sample_id):
+                    per_system["mem0"][group].append(scored)
         latency["mem0"] = {
             "add": percentiles(peer["add_ms"]),
             "search": percentiles(peer["search_ms"]),
         }
-    results = {
-        system: {
-            group: {"questions": len(rows)}
-            | {m: round(float(np.mean([r[m] for r in rows])), 4) for m in rows[0]}
-            for group, rows in sorted(groups.items())
-        }
-        for system, groups in per_system.items()
-    }
-    _print_comparison(console, results)
+    results = {system: summarise(groups) for system, groups in per_system.items()}
+    print_table(console, results, "LoCoMo retrieval through the pipeline")
     write(
         "quality",
         {"data": str(data or locomo.default_file()), "systems": results, "latency": latency},
         console,
+        show=False,
     )
     return results
 
 
-def _print_comparison(console: Console, results: dict[str, Any]) -> None:
-    metrics = [f"recall_any@{k}" for k in KS] + [f"recall_all@{k}" for k in KS] + ["ndcg@10"]
-    table = Table("system", "group", "n", *metrics, title="LoCoMo retrieval")
-    for system, groups in results.items():
-        for group, values in groups.items():
-            table.add_row(system, group, str(values["questions"]),
-                          *(f"{values[m]:.3f}" for m in metrics))  # fmt: skip
+def cross_validated(data: Path | None = None) -> dict[str, Any]:
+    """Leave-one-conversation-out cross-validation in process (no services needed)."""
+    from bench import quality_local
+
+    console = Console()
+    samples = locomo.load(data)
+    settings = Settings()
+    embedder = quality_local.CachedEmbedder(embedder_for(settings), settings.tools_dir)
+    with Progress(console=console) as progress:
+        conversations = quality_local.prepare(samples, embedder, progress)
+        rows, choices = quality_local.cross_validate(conversations, progress)
+    results = {}
+    for system, scored in rows.items():
+        groups: dict[str, list[dict[str, float]]] = defaultdict(list)
+        for conversation, category, s in scored:
+            for group in ("overall", category, conversation):
+                groups[group].append(s)
+        results[system] = summarise(groups)
+    print_table(console, results, "LoCoMo, each conversation left out once (cv: memstream's "
+                "ranking chosen on the others; default: memstream as shipped)")  # fmt: skip
+    knobs = Table("held out", *(k for k in choices[0] if k != "held_out"),
+                  title="ranking chosen on the other conversations")  # fmt: skip
+    for choice in choices:
+        knobs.add_row(*(f"{v:g}" if isinstance(v, float) else str(v) for v in choice.values()))
+    console.print(knobs)
+    document = {"data": str(data or locomo.default_file()), "embedder": embedder.model_id,
+                "systems": results, "chosen": choices}  # fmt: skip
+    write("quality-cv", document, console, show=False)
+    return results
+
+
+def summarise(groups: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Mean of every metric per group: overall first, then categories, then conversations."""
+    order = sorted(groups, key=lambda g: (g != "overall", g.startswith("conv"), g))
+    return {
+        group: {"questions": len(groups[group])}
+        | {m: round(float(np.mean([r[m] for r in groups[group]])), 4) for m in groups[group][0]}
+        for group in order
+    }
+
+
+def print_table(console: Console, results: dict[str, Any], title: str) -> None:
+    """recall@10 / all-gold@10 per group, a column per system (fits 80 columns); the JSON
+    holds every metric."""
+    systems = list(results)
+    table = Table("group", "n", *systems, title=f"{title}\nrecall@10 / all-gold@10",
+                  min_width=40)  # fmt: skip
+    first = results[systems[0]]
+    for group, values in first.items():
+        cells = []
+        for system in systems:
+            v = results[system].get(group)
+            cells.append(f"{v['recall@10']:.3f}/{v['recall_all@10']:.3f}" if v else "-")
+        table.add_row(group, str(values["questions"]), *cells)
     console.print(table)
 
 

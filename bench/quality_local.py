@@ -10,16 +10,22 @@ deterministic per text, so the cache changes no number, only the time).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import pickle
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from processors.embedder import Embedder
+from processors.embedder import DIM, Embedder
+from processors.extract import RuleExtractor
 from processors.fold import Memory
+from processors.fusion import CubeMemories
 from processors.reader import MemReader, Sourced
+from streams.query.search import Ranking, rank
+from streams.query.working_set import Snapshot, snapshot_of
 from streams.sdk import locomo
 
 
@@ -68,3 +74,99 @@ def ingest(sample: locomo.Sample, reader_factory: Any, batch: int = 64) -> tuple
         chunk = records[start : start + batch]
         reader.process([Sourced(r, "interactions", 0, start + n) for n, r in enumerate(chunk)])
     return cube, list(reader.memories.table.memories.values())
+
+
+GRID: dict[str, tuple[float, ...]] = {
+    "rrf_k": (10.0, 20.0, 60.0),
+    "dense_weight": (0.7, 1.0, 1.4),
+    "speaker": (0.0, 0.5, 1.0),
+    "questions": (0.7, 1.0),
+}
+
+
+@dataclass
+class Conversation:
+    """One ingested conversation, ready to be ranked many times over."""
+
+    sample: locomo.Sample
+    snapshot: Snapshot
+    keep: np.ndarray
+    questions: list[tuple[str, str, list[str], np.ndarray]]  # category, question, gold, vector
+    baselines: Any
+
+
+def prepare(samples: list[locomo.Sample], embedder: CachedEmbedder, progress: Any) -> list[
+        Conversation]:  # fmt: skip
+    from bench.quality import Baselines
+
+    out = []
+    task = progress.add_task("ingesting in process", total=len(samples))
+    for sample in samples:
+        _, states = ingest(sample, lambda: MemReader(RuleExtractor(), embedder, CubeMemories(DIM)))
+        snapshot = snapshot_of(states)
+        known = locomo.turn_ids(sample)
+        asked = [(locomo.CATEGORIES.get(qa.get("category"), "other"), qa["question"],
+                  locomo.evidence(qa, known)) for qa in sample.qa]  # fmt: skip
+        asked = [(c, q, g) for c, q, g in asked if c != "adversarial" and g]
+        vectors = embedder.encode([q for _, q, _ in asked])
+        out.append(Conversation(
+            sample, snapshot, snapshot.mask(None, None, None, False),
+            [(c, q, g, v) for (c, q, g), v in zip(asked, vectors, strict=True)],
+            Baselines(sample, embedder),
+        ))  # fmt: skip
+        embedder.save()
+        progress.advance(task)
+    return out
+
+
+def ranked_turns(conversation: Conversation, question: str, vector: np.ndarray,
+                 ranking: Ranking) -> list[str]:  # fmt: skip
+    hits = rank(conversation.snapshot, question, vector, conversation.keep, 50, ranking)
+    return list(dict.fromkeys(h.row["turn_id"] for h in hits if h.row["turn_id"]))[:20]
+
+
+def scores(conversation: Conversation, ranking: Ranking) -> list[tuple[str, dict[str, float]]]:
+    from bench.quality import score
+
+    return [(category, score(ranked_turns(conversation, q, v, ranking), gold))
+            for category, q, gold, v in conversation.questions]  # fmt: skip
+
+
+def grid() -> list[Ranking]:
+    names = list(GRID)
+    return [Ranking(**dict(zip(names, values, strict=True)))
+            for values in itertools.product(*GRID.values())]  # fmt: skip
+
+
+def cross_validate(conversations: list[Conversation], progress: Any, metric: str = "recall_all@10"
+                   ) -> tuple[dict[str, list[tuple[str, str, dict[str, float]]]],
+                              list[dict[str, Any]]]:  # fmt: skip
+    """Leave one conversation out: the ranking that scores best (``metric``, over the questions
+    of the others) is chosen and reported on the one left out; every conversation is left out
+    once. Returns each system's (conversation, category, scores) rows and the choices."""
+    from bench.quality import score
+
+    candidates = grid()
+    task = progress.add_task("cross-validating", total=len(candidates) * len(conversations))
+    table: dict[tuple[int, int], float] = {}  # (candidate, conversation) -> metric sum
+    for c, ranking in enumerate(candidates):
+        for n, conversation in enumerate(conversations):
+            table[c, n] = sum(s[metric] for _, s in scores(conversation, ranking))
+            progress.advance(task)
+    rows: dict[str, list[tuple[str, str, dict[str, float]]]] = {
+        "cv": [], "default": [], "bm25": [], "dense": []}  # fmt: skip
+    choices = []
+    for held, conversation in enumerate(conversations):
+        best = max(range(len(candidates)), key=lambda c: (sum(
+            table[c, n] for n in range(len(conversations)) if n != held), -c))  # fmt: skip
+        choices.append({"held_out": conversation.sample.sample_id} | asdict(candidates[best]))
+        name = conversation.sample.sample_id
+        for category, s in scores(conversation, candidates[best]):
+            rows["cv"].append((name, category, s))
+        for category, s in scores(conversation, Ranking()):
+            rows["default"].append((name, category, s))
+        for category, q, gold, _ in conversation.questions:
+            rows["bm25"].append((name, category, score(conversation.baselines.bm25_rank(q), gold)))
+            rows["dense"].append((name, category,
+                                  score(conversation.baselines.dense_rank(q), gold)))  # fmt: skip
+    return rows, choices

@@ -206,6 +206,10 @@ def bench(
         Path | None, typer.Option(help="quality: write the ranked turn ids per question here.")
     ] = None,
     no_peer: Annotated[bool, typer.Option("--no-peer", help="Leave mem0 out.")] = False,
+    cv: Annotated[
+        bool,
+        typer.Option("--cv", help="quality: cross-validate in process, no services needed."),
+    ] = False,
     readers: Annotated[
         int, typer.Option(help="ingest: reader processes (N > 1: N readers + 1 views process).")
     ] = 1,
@@ -229,7 +233,10 @@ def bench(
     elif name == "quality":
         from bench import quality
 
-        quality.run(data, run_out, peers=() if no_peer else ("mem0",))
+        if cv:
+            quality.cross_validated(data)
+        else:
+            quality.run(data, run_out, peers=() if no_peer else ("mem0",))
     elif name == "restart":
         from bench import restart
 

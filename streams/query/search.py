@@ -49,7 +49,7 @@ class Ranking:
     dense_weight: float = 1.0
     candidates: int = 50
     speaker: float = 1.0
-    questions: float = 1.0
+    questions: float = 0.7
 
 
 @dataclass(frozen=True)
