@@ -168,7 +168,7 @@ def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300,
         e0 = time.perf_counter()
         embedder.encode(texts)
         embed_s = time.perf_counter() - e0
-        items_per_interaction = len(texts) / 2000
+        items_per_interaction = len(texts) / len(interactions[:2000])
         kafka = kafka_ceiling(worker.settings, interactions)
         results: dict[str, Any] = {
             "interactions": n,
@@ -194,6 +194,9 @@ def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300,
                 "texts_per_s": round(len(texts) / embed_s, 1),
                 "interactions_per_s_equivalent": round(
                     len(texts) / embed_s / items_per_interaction, 1
+                ),
+                "pipeline_share": round(
+                    n / ingest_s / (len(texts) / embed_s / items_per_interaction), 3
                 ),
             },
         }
