@@ -58,6 +58,8 @@ _FILLER = re.compile(
     r"[\s\w,!.']{0,25}$",
     re.IGNORECASE,
 )
+# A yes or no is filler on its own, and the answer itself after a question.
+_ANSWER = re.compile(r"^(?:yes|yeah|yep|no|nope|sure|definitely|absolutely|of course)\b", re.I)
 STOPWORDS = frozenset(
     """a about above after again against all also am an and any are as at be because been before
     being below between both but by can could did do does doing down during each even ever every
@@ -163,7 +165,8 @@ class RuleExtractor:
     - A sentence of several that states a changing fact (home, job, a favourite) is also a
       memory of its own, with a subject key, so that a newer statement supersedes that fact and
       not the turn; so is one that names a date: "when" questions ask for that one event.
-    - Filler ("Thanks!", "Wow, cool") and turns without words are not memories.
+    - Filler ("Thanks!", "Wow, cool") and turns without words are not memories; a "yes" or
+      "no" is kept when it answers a question.
     """
 
     name = READER_VERSION
@@ -176,8 +179,11 @@ class RuleExtractor:
     ) -> list[MemoryItem]:
         speaker = interaction["speaker"].strip()
         content, _ = resolve(interaction["content"], interaction["event_time"])
+        answering = previous is not None and previous.asked and previous.speaker != speaker
         sentences = [
-            s for s in split_sentences(content) if _WORD.search(s) and not _FILLER.match(s)
+            s
+            for s in split_sentences(content)
+            if _WORD.search(s) and (not _FILLER.match(s) or (answering and _ANSWER.match(s)))
         ]
         if not sentences:
             return []

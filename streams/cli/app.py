@@ -310,10 +310,12 @@ def demo(
         _print_processors(client.status())
 
         for qa in [q for q in sample.qa if q.get("category") in (1, 2, 4)][:3]:
-            table = Table("turn", "score", "memory", title=f"search: {qa['question']}")
+            table = Table("turn", "score", "cosine", "bm25", "memory",
+                          title=f"search: {qa['question']}")  # fmt: skip
             for hit in client.search(cube, qa["question"], top_k=3)["hits"]:
                 mark = " [green](evidence)[/]" if hit["turn_id"] in qa["evidence"] else ""
-                table.add_row(hit["turn_id"] + mark, f"{hit['score']:.4f}", hit["text"])
+                table.add_row(hit["turn_id"] + mark, f"{hit['score']:.2f}", f"{hit['cosine']:.2f}",
+                              f"{hit['keyword']:.1f}", hit["text"])  # fmt: skip
             console.print(table)
 
         # The access-stats agent (Faust) counted those searches from memstream.queries.

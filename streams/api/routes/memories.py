@@ -47,8 +47,13 @@ class Published(BaseModel):
 
 class SearchHit(BaseModel):
     memory_id: str
-    score: float
+    score: float = Field(
+        description="Fused rank score over its best possible value: 1.0 is first in both the "
+        "dense and the keyword ranking (and said by someone the query names)."
+    )
     text: str
+    cosine: float = Field(description="Dense similarity of the memory to the query (-1..1).")
+    keyword: float = Field(description="BM25 score of the memory for the query (0: no term).")
     dense_rank: int | None
     keyword_rank: int | None
     version: int
@@ -171,8 +176,10 @@ async def search(
     hits = [
         SearchHit(
             memory_id=r.memory_id,
-            score=r.score,
+            score=round(r.score, 4),
             text=r.text,
+            cosine=round(r.cosine, 4),
+            keyword=round(r.keyword, 3),
             dense_rank=r.dense_rank,
             keyword_rank=r.keyword_rank,
             **{k: r.row[k] for k in ("version", "valid_from", "valid_to", "session_id",
