@@ -165,9 +165,11 @@ def test_every_search_is_audited(worker: ServeProcess) -> None:
     worker.client.publish(cube, [turn("I started learning the violin in March.")])
     worker.client.wait_drained()
     response = worker.client.search(cube, "violin", top_k=3)
-    assert {"embed_ms", "snapshot_ms", "dense_ms", "keyword_ms", "total_ms"} <= set(
+    assert {"embed_ms", "snapshot_ms", "dense_ms", "keyword_ms", "fuse_ms", "total_ms"} <= set(
         response["timing_ms"]
     )
+    hit = response["hits"][0]  # the scores a reader can make sense of
+    assert 0 < hit["score"] <= 1 and hit["keyword"] > 0 and 0 < hit["cosine"] <= 1
     query_id = response["query_id"]
     for _ in range(60):
         rows = worker.client.audit(
