@@ -29,7 +29,6 @@ from rich.console import Console
 from rich.progress import Progress
 
 from bench.report import latency_summary, percentiles, timing_split, write
-from processors.extract import RuleExtractor
 from streams.pipeline.build import embedder_for
 from streams.sdk import locomo
 from streams.sdk.local import ServeProcess
@@ -129,9 +128,10 @@ def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300,
                 time.sleep(0.2)
         ingest_s = time.perf_counter() - started
         counters = reader_counters(workers)
-        memory_count = sum(
-            len(client.memories(c, 16384)) for c in {i.cube_id for i in interactions}
-        )
+        # The texts the reader embedded (replies carry their question): the ceiling's input.
+        memory_texts = [m["text"] for c in sorted({i.cube_id for i in interactions})
+                        for m in client.memories(c, 16384)]  # fmt: skip
+        memory_count = len(memory_texts)
 
         latencies = []
         for probe in range(probes):
@@ -158,17 +158,13 @@ def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300,
             timings.append(response["timing_ms"])
         search_wall = time.perf_counter() - t0
 
-        texts = [
-            item.text
-            for i in interactions[:2000]
-            for item in RuleExtractor().extract(i.to_record())
-        ]
+        texts = memory_texts[:4000]
         embedder = embedder_for(worker.settings)
         embedder.encode(texts[:64])
         e0 = time.perf_counter()
         embedder.encode(texts)
         embed_s = time.perf_counter() - e0
-        items_per_interaction = len(texts) / len(interactions[:2000])
+        items_per_interaction = memory_count / n
         kafka = kafka_ceiling(worker.settings, interactions)
         results: dict[str, Any] = {
             "interactions": n,

@@ -15,6 +15,8 @@ def test_recall_any_and_all() -> None:
     assert s["recall_any@5"] == 1.0
     assert s["recall_all@5"] == 0.0
     assert s["recall_all@10"] == 1.0
+    assert score(ranked, ["D1:3", "D3:1", "D9:9"])["recall@5"] == pytest.approx(1 / 3)
+    assert score(ranked, ["D1:3", "D3:1", "D9:9"])["recall@10"] == pytest.approx(2 / 3)
 
 
 def test_ndcg_at_10() -> None:
