@@ -204,9 +204,10 @@ class RuleExtractor:
             return items
         for sentence, key in zip(sentences, keys, strict=True):
             if key is not None or _RESOLVED.search(sentence):
+                verb = "asked" if is_question(sentence) else "said"
                 items.append(
                     MemoryItem(
-                        text=f"{speaker} said: {sentence}",
+                        text=f"{speaker} {verb}: {sentence}",
                         tags=tuple(keywords(sentence)),
                         key=key,
                         dates=tuple(_RESOLVED.findall(sentence)),

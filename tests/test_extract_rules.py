@@ -170,3 +170,16 @@ def test_a_named_speakers_own_words_rank_first() -> None:
 def test_a_memory_that_only_asks_ranks_below_its_answer() -> None:
     hits = _ranked("finish the bookshelf hallway", Ranking(questions=0.5, speaker=0.0))
     assert own_words(hits[0].text) == Turn("Ines", "Yes, on Sunday. It took four coats of varnish.")
+
+
+def test_a_dated_question_is_stored_as_asked() -> None:
+    items = RuleExtractor().extract(turn("Ravi", "I cooked a lot. Guess what I made yesterday?", 1))
+    assert items[1].text == "Ravi asked: Guess what I made yesterday (3 March 2024)?"
+    assert own_words(items[1].text).asked
+
+
+def test_a_turn_is_shown_once_by_its_best_memory() -> None:
+    hits = _ranked("welding class tomorrow")
+    turns = [h.row["source_event_id"] for h in hits]
+    assert len(turns) == len(set(turns))
+    assert any("welding" in h.text for h in hits)

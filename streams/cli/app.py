@@ -443,7 +443,7 @@ def _demo_chat(client: MemoryClient, cube: str, question: str) -> None:
             done = data
     console.print()
     if done:
-        used = ", ".join(m["text"][:40] for m in done.get("memories", [])[:3])
+        used = ", ".join(m[:40] for m in done.get("memories", [])[:3])
         console.print(f"[dim]memories used: {used} ... (prefix: {done['prefix']['source']}; "
                       "the turn is published back as interactions)[/]")  # fmt: skip
 

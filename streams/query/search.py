@@ -41,6 +41,8 @@ class Ranking:
     - ``questions``: the factor of a memory that only asks (context for its answer, which
       carries the question too).
 
+    A turn is shown once: its best memory (a dated sentence or the whole turn).
+
     Measured and dropped (no gain in cross-validation): lending score to a hit's neighbouring
     turns, pseudo-relevance feedback, a per-session diversity penalty.
     """
@@ -176,7 +178,8 @@ def rank(
         if said.asked:
             fused[row] *= ranking.questions
     best_possible = (ranking.dense_weight + 1.0) * (1 + ranking.speaker) / (ranking.rrf_k + 1)
-    ordered = sorted(fused.items(), key=lambda kv: (-kv[1], snapshot.ids[kv[0]]))[:top_k]
+    ordered = _one_per_turn(snapshot, sorted(fused.items(), key=lambda kv: (-kv[1],
+                            snapshot.ids[kv[0]])), top_k)  # fmt: skip
     cosines = dict(dense)
     keywords = dict(keyword)
     if timing is not None:
@@ -189,3 +192,20 @@ def rank(
                keyword=keywords.get(row, 0.0))
         for row, value in ordered
     ]  # fmt: skip
+
+
+def _one_per_turn(snapshot: Snapshot, ordered: list[tuple[int, float]],
+                  top_k: int) -> list[tuple[int, float]]:  # fmt: skip
+    """The first ``top_k`` of ``ordered`` with one memory per source turn (a turn's dated or
+    keyed sentence and the turn itself say the same thing twice: the better one is shown)."""
+    picked: list[tuple[int, float]] = []
+    turns: set[str] = set()
+    for row, value in ordered:
+        turn = snapshot.rows[row].get("source_event_id") or ""
+        if turn and turn in turns:
+            continue
+        turns.add(turn)
+        picked.append((row, value))
+        if len(picked) == top_k:
+            break
+    return picked
