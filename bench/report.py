@@ -12,6 +12,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from processors.embedder import cpu
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -114,21 +116,3 @@ def _cpus() -> int:
     import os
 
     return len(os.sched_getaffinity(0))
-
-
-SIMD_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-
-
-def cpu() -> dict[str, Any]:
-    """The CPU model and the SIMD flags that change int8/fp32 kernel speed by several times:
-    a number means little without them."""
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("unknown", "x86_64", ""):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {"cpu_model": model, "cpu_flags": [f for f in SIMD_FLAGS if f in flags]}

@@ -8,11 +8,12 @@ sorts each batch by length so padding is minimal.
 from __future__ import annotations
 
 import os
+import platform
 import threading
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -86,3 +87,21 @@ def load_embedder(kind: str = "torch", cache_dir: Path | None = None) -> Embedde
         folder = cache_dir or Path.home() / ".cache" / "memstream" / "tools" / "onnx"
         return OnnxMiniLMEmbedder(folder, quantize=ONNX_MODES[kind])
     raise ValueError(f"unknown embedder {kind!r} (known: {', '.join(EMBEDDERS)})")
+
+
+SIMD_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu() -> dict[str, Any]:
+    """The CPU model and the SIMD flags that change int8/fp32 kernel speed by several times:
+    a number means little without them."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("unknown", "x86_64", ""):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {"cpu_model": model, "cpu_flags": [f for f in SIMD_FLAGS if f in flags]}
