@@ -148,6 +148,21 @@ def own_words(memory_text: str) -> Turn:
     return Turn(speaker, said, asked=True) if sep else Turn("", head)
 
 
+def chunks(sentences: list[str], limit: int) -> list[str]:
+    """Consecutive sentences joined into pieces of at most ``limit`` words (a longer sentence is
+    a piece of its own)."""
+    pieces: list[list[str]] = [[]]
+    size = 0
+    for sentence in sentences:
+        words = len(sentence.split())
+        if pieces[-1] and size + words > limit:
+            pieces.append([])
+            size = 0
+        pieces[-1].append(sentence)
+        size += words
+    return [" ".join(p) for p in pieces]
+
+
 def is_question(text: str) -> bool:
     return bool(_QUESTION.search(text.strip()))
 
@@ -165,14 +180,18 @@ class RuleExtractor:
     - A sentence of several that states a changing fact (home, job, a favourite) is also a
       memory of its own, with a subject key, so that a newer statement supersedes that fact and
       not the turn; so is one that names a date: "when" questions ask for that one event.
+    - A turn longer than ``chunk_words`` (a pasted note, a long story) is cut between sentences
+      into memories of up to that many words, the first carrying the reply context: the
+      embedder reads 256 tokens of a text, no more.
     - Filler ("Thanks!", "Wow, cool") and turns without words are not memories; a "yes" or
       "no" is kept when it answers a question.
     """
 
     name = READER_VERSION
 
-    def __init__(self, context_words: int = 60) -> None:
+    def __init__(self, context_words: int = 60, chunk_words: int = 120) -> None:
         self.context_words = context_words
+        self.chunk_words = chunk_words
 
     def extract(
         self, interaction: dict[str, Any], previous: Turn | None = None
@@ -187,9 +206,9 @@ class RuleExtractor:
         ]
         if not sentences:
             return []
-        said = " ".join(sentences)
+        parts = chunks(sentences, self.chunk_words)
         verb = "asked" if all(is_question(s) for s in sentences) else "said"
-        text = f"{speaker} {verb}: {said}"
+        text = f"{speaker} {verb}: {parts[0]}"
         if previous is not None and previous.text and previous.speaker != speaker:
             words = previous.text.split()
             snippet = " ".join(words[: self.context_words])
@@ -198,16 +217,20 @@ class RuleExtractor:
             text += f"{_CONTEXT}{previous.speaker}: {snippet})"
         keys = [subject_key(speaker, s) for s in sentences]
         alone = len(sentences) == 1
-        items = [MemoryItem(text=text, tags=tuple(keywords(said)), key=keys[0] if alone else None,
-                            dates=tuple(_RESOLVED.findall(said)))]  # fmt: skip
+        items = [MemoryItem(text=text, tags=tuple(keywords(parts[0])),
+                            key=keys[0] if alone else None,
+                            dates=tuple(_RESOLVED.findall(parts[0])))]  # fmt: skip
         if alone:
             return items
+        for part in parts[1:]:
+            items.append(MemoryItem(text=f"{speaker} said: {part}", tags=tuple(keywords(part)),
+                                    dates=tuple(_RESOLVED.findall(part))))  # fmt: skip
         for sentence, key in zip(sentences, keys, strict=True):
             if key is not None or _RESOLVED.search(sentence):
-                verb = "asked" if is_question(sentence) else "said"
+                said = "asked" if is_question(sentence) else "said"
                 items.append(
                     MemoryItem(
-                        text=f"{speaker} {verb}: {sentence}",
+                        text=f"{speaker} {said}: {sentence}",
                         tags=tuple(keywords(sentence)),
                         key=key,
                         dates=tuple(_RESOLVED.findall(sentence)),

@@ -183,3 +183,12 @@ def test_a_turn_is_shown_once_by_its_best_memory() -> None:
     turns = [h.row["source_event_id"] for h in hits]
     assert len(turns) == len(set(turns))
     assert any("welding" in h.text for h in hits)
+
+
+def test_a_long_turn_is_cut_between_sentences() -> None:
+    story = " ".join(f"On day {n} we walked along the river and counted herons." for n in range(30))
+    items = RuleExtractor(chunk_words=40).extract(turn("Ines", story, 1), Turn("Ravi", "And?"))
+    assert len(items) == 10  # 30 sentences of 11 words, 3 to a piece of at most 40
+    assert items[0].text.endswith("(replying to Ravi: And?)")
+    assert all(len(i.text.removeprefix("Ines said: ").split()) <= 40 for i in items[1:])
+    assert [i.text.count("herons") for i in items] == [3] * 10
