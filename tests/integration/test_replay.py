@@ -97,6 +97,23 @@ def view(runtime: Runtime, cube: str) -> dict[str, Any]:
     return {"rows": rows, "states": states, "ops": ops, **names}
 
 
+def assert_rows_match_the_fold(got: dict[str, Any], live: dict[str, Any]) -> None:
+    """A rebuilt generation's Milvus rows are exactly the searchable memories of the fold, and
+    every row the live generation also has is the same row (text, version, validity)."""
+    searchable = {i for i, (_, status, *_) in got["states"].items() if status == "active"}
+    extra, missing = set(got["rows"]) - searchable, searchable - set(got["rows"])
+    assert not extra and not missing, (
+        f"rows not searchable in the fold: {[(i, got['states'].get(i)) for i in extra][:5]}; "
+        f"searchable without a row: {sorted(missing)[:5]}; "
+        f"live rows: {len(live['rows'])}, rebuilt: {len(got['rows'])}"
+    )
+    for memory_id in set(got["rows"]) & set(live["rows"]):
+        old, new = live["rows"][memory_id], got["rows"][memory_id]
+        assert {k: v for k, v in new.items() if k != "vector"} == {
+            k: v for k, v in old.items() if k != "vector"
+        }
+
+
 def searches(api: TestClient, cube: str, questions: list[str]) -> list[list[tuple[str, float]]]:
     out = []
     for q in questions:
@@ -313,4 +330,5 @@ def test_an_interrupted_rebuild_resumes_and_switches(
     after = view(runtime, cube)
     assert after["collection"] == f"memories_g{target}"
     assert after["states"] == before["states"]
+    assert_rows_match_the_fold(after, before)
     assert searches(api, cube, questions[:10]) == answers
