@@ -12,6 +12,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 import numpy as np
@@ -21,6 +22,15 @@ from processors.fold import Memory, MemoryTable
 from processors.ops import embedding_vector
 
 Decision = Literal["ADD", "MERGE", "UPDATE"]
+TurnKey = tuple[int, str]  # a turn's place in its session: (event time in ms, event id)
+
+
+def turn_key(event_time: datetime, event_id: str) -> TurnKey:
+    """Event time, not log offset, orders a session's turns: the same input gives the same key
+    in any log, batch or process (milliseconds, as the Avro events carry them)."""
+    return int(event_time.timestamp() * 1000), event_id
+
+
 _DATES = re.compile(r"\(([^()]*\d{4})\)")
 REPEAT_OVERLAP = 0.5  # share of the smaller keyword set a repeat must have in common
 
@@ -72,9 +82,9 @@ class CubeMemories:
         self.table = MemoryTable()
         self._vectors: dict[str, VectorIndex] = {}
         self._keys: dict[str, dict[str, str]] = {}
-        # (cube, session) -> the log offsets of the turns that made memories, sorted, and the
-        # event id at each: what the reader asks for "the turn before this one".
-        self._turns: dict[tuple[str, str], tuple[list[int], dict[int, str]]] = {}
+        # (cube, session) -> the turns that made memories, as (event time in ms, event id),
+        # sorted: what the reader asks for "the turn before this one".
+        self._turns: dict[tuple[str, str], list[TurnKey]] = {}
         self.lock = threading.RLock()
 
     def apply(self, op: dict[str, Any]) -> list[Memory]:
@@ -112,25 +122,22 @@ class CubeMemories:
     def __len__(self) -> int:
         return len(self.table.memories)
 
-    def turn_before(self, cube_id: str, session_id: str, offset: int) -> tuple[int, str] | None:
-        """The (offset, event id) of the latest turn of the session before ``offset`` that made
-        a memory, whatever became of that memory since."""
+    def turn_before(self, cube_id: str, session_id: str, key: TurnKey) -> TurnKey | None:
+        """The latest turn of the session before ``key`` that made a memory, whatever became
+        of that memory since."""
         with self.lock:
-            turns = self._turns.get((cube_id, session_id))
-            if turns is None:
-                return None
-            offsets, events = turns
-            at = bisect.bisect_left(offsets, offset)
-            return (offsets[at - 1], events[offsets[at - 1]]) if at else None
+            turns = self._turns.get((cube_id, session_id), [])
+            at = bisect.bisect_left(turns, key)
+            return turns[at - 1] if at else None
 
     def _index(self, memory: Memory) -> None:
         source = memory.source or {}
-        if source.get("session_id") and source.get("offset") is not None:
-            offsets, events = self._turns.setdefault((memory.cube_id, source["session_id"]),
-                                                     ([], {}))  # fmt: skip
-            if source["offset"] not in events:
-                bisect.insort(offsets, source["offset"])
-                events[source["offset"]] = source["event_id"]
+        if source.get("session_id") and source.get("event_id"):
+            turns = self._turns.setdefault((memory.cube_id, source["session_id"]), [])
+            key = turn_key(memory.created_at, source["event_id"])
+            at = bisect.bisect_left(turns, key)
+            if at == len(turns) or turns[at] != key:
+                turns.insert(at, key)
         vectors = self._vectors.setdefault(memory.cube_id, VectorIndex(self.dim))
         keys = self._keys.setdefault(memory.cube_id, {})
         if memory.current and memory.embedding:

@@ -13,7 +13,7 @@ from typing import Any
 
 from processors.embedder import Embedder
 from processors.extract import Extractor, MemoryItem, Turn, own_words
-from processors.fusion import CubeMemories, decide, union
+from processors.fusion import CubeMemories, TurnKey, decide, turn_key, union
 from processors.ops import (
     embedding_bytes,
     make_op,
@@ -67,13 +67,14 @@ class MemReader:
     def process(self, batch: list[Sourced]) -> list[dict[str, Any]]:
         """The ops for a batch, in the order they must be published (and already folded)."""
         items: list[tuple[Sourced, int, MemoryItem]] = []
-        said: dict[tuple[str, str], list[tuple[int | None, Turn]]] = {}  # this batch's turns
+        said: dict[tuple[str, str], list[tuple[TurnKey, Turn]]] = {}  # this batch's turns
         for source in batch:
             i = source.interaction
             session = (i["cube_id"], i.get("session_id") or "")
-            extracted = self.extractor.extract(i, self._previous(source, said.get(session, [])))
+            key = turn_key(i["event_time"], i["event_id"])
+            extracted = self.extractor.extract(i, self._previous(i, key, said.get(session, [])))
             if extracted:
-                said.setdefault(session, []).append((source.offset, own_words(extracted[0].text)))
+                said.setdefault(session, []).append((key, own_words(extracted[0].text)))
             items.extend((source, index, item) for index, item in enumerate(extracted))
         todo = [
             (source, index, item)
@@ -86,20 +87,18 @@ class MemReader:
             ops.extend(self._fuse(source, index, item, vector))
         return ops
 
-    def _previous(self, source: Sourced, said: list[tuple[int | None, Turn]]) -> Turn | None:
-        """The turn before ``source`` in its session: from this batch, or from the fold (the
-        first memory that turn made), so a batch, a restart and a replay all see the same."""
-        offset = source.offset
-        if offset is None:  # not from the log: this batch's order is all there is
-            return said[-1][1] if said else None
-        earlier = [(o, turn) for o, turn in said if o is not None and o < offset]
-        i = source.interaction
-        found = self.memories.turn_before(i["cube_id"], i.get("session_id") or "", offset)
-        if found is not None and (not earlier or found[0] > earlier[-1][0]):
+    def _previous(
+        self, i: dict[str, Any], key: TurnKey, said: list[tuple[TurnKey, Turn]]
+    ) -> Turn | None:
+        """The turn before ``i`` in its session (by event time): from this batch, or from the
+        fold (the first memory that turn made), so any batching, a restart and a replay agree."""
+        earlier = max(((k, turn) for k, turn in said if k < key), key=lambda e: e[0], default=None)
+        found = self.memories.turn_before(i["cube_id"], i.get("session_id") or "", key)
+        if found is not None and (earlier is None or found > earlier[0]):
             memory = self.memories.get(memory_id(i["cube_id"], found[1], 0, self.generation))
             if memory is not None:
                 return own_words(memory.text)
-        return earlier[-1][1] if earlier else None
+        return earlier[1] if earlier else None
 
     def _memory_id(self, source: Sourced, index: int) -> str:
         i = source.interaction

@@ -132,6 +132,23 @@ def test_replies_are_the_same_in_any_batching_and_after_a_restart() -> None:
                for t in texts)  # fmt: skip
 
 
+def test_replies_do_not_depend_on_log_positions() -> None:
+    """Turns are ordered by event time, not log offset: the same input read outside a log (no
+    offsets), in any batching, writes the same ops as from the log."""
+
+    def made(ops: list[dict]) -> list[tuple]:  # what was decided, without the log position
+        return sorted((o["event_id"], o["op"], o["payload"][1]["text"] if o.get("payload") else "")
+                      for o in ops)  # fmt: skip
+
+    reader = MemReader(RuleExtractor(), HashEmbedder(), CubeMemories(64))
+    alone = [o for n in range(5) for o in reader.process([Sourced(turn(*DIALOGUE[n], n))])]
+    assert made(alone) == made(_read([[0, 1, 2, 3, 4]]))
+    twos = MemReader(RuleExtractor(), HashEmbedder(), CubeMemories(64))
+    paired = [o for n in (0, 2, 4) for o in twos.process(
+        [Sourced(turn(*DIALOGUE[m], m)) for m in (n, n + 1) if m < 5])]  # fmt: skip
+    assert made(paired) == made(alone)
+
+
 def test_sessions_do_not_share_context() -> None:
     reader = MemReader(RuleExtractor(), HashEmbedder(), CubeMemories(64))
     ops = reader.process([
