@@ -18,6 +18,7 @@ from faust.types import TP, Message
 from schemas import Codec
 from streams.pipeline.agents.access import EPOCH, AccessStats
 from streams.pipeline.agents.app import create_app
+from streams.pipeline.agents.transport import FETCH_MAX_WAIT_MS, FETCH_MIN_BYTES
 from streams.settings import Settings
 from streams.transport.events import Interaction
 
@@ -46,6 +47,7 @@ class Harness:
         self.access = access
         self.agent = agent
         self.dead = dead
+        self.sent = 0
 
     async def put(
         self,
@@ -53,14 +55,29 @@ class Harness:
         key: bytes | None = None,
         offset: int | None = None,
         partition: int = 0,
+        wait: bool = True,
     ) -> None:
-        """Deliver one message (at ``offset``: a redelivery, when given)."""
+        """Deliver one message (at ``offset``: a redelivery, when given); with ``wait``, until
+        it is counted (else it joins the batch being gathered)."""
         value = record if isinstance(record, bytes) else CODEC.encode("QueryEvent", record)
         if key is None and isinstance(record, dict):
             key = record["cube_id"].encode()
         if offset is not None:
             self.agent.sent_offset = offset
-        await self.agent.put(value=value, key=key, partition=partition)
+        await self.agent.put(value=value, key=key, partition=partition, wait=False)
+        self.sent += 1
+        if wait:
+            await self.counted()
+
+    async def counted(self, timeout: float = 10.0) -> None:
+        """Wait until the agent's batch has counted (or dead-lettered) every message sent."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.access.view.stats()
+            if stats["events"] + stats["dead_lettered"] >= self.sent:
+                return
+            assert time.monotonic() < deadline, f"{self.sent} sent, counted only {stats}"
+            await asyncio.sleep(0.001)
 
     def memory(self, cube_id: str, memory_id: str, now_s: float | None = None) -> dict[str, Any]:
         """The statistics of a memory that must have been counted."""
@@ -69,8 +86,11 @@ class Harness:
         return row
 
 
-def scenario(tmp_path: Path, body: Callable[[Harness], Awaitable[None]]) -> None:
-    """Run ``body`` against a fresh agent in its test context, on a loop of its own."""
+def scenario(
+    tmp_path: Path, body: Callable[[Harness], Awaitable[None]], batch_s: float = 0.01
+) -> None:
+    """Run ``body`` against a fresh agent in its test context, on a loop of its own, which
+    gathers each batch for ``batch_s``."""
     settings = Settings(topic_prefix=f"unit-{uuid.uuid4().hex[:8]}.", data_dir=tmp_path)
 
     async def main() -> None:
@@ -79,7 +99,9 @@ def scenario(tmp_path: Path, body: Callable[[Harness], Awaitable[None]]) -> None
         async def dead_letter(message: Message, error_type: str, reason: str) -> None:
             dead.append((message, error_type, reason))
 
-        access = AccessStats(create_app(settings, "access-stats"), settings, dead_letter)
+        access = AccessStats(
+            create_app(settings, "access-stats"), settings, dead_letter, batch_s=batch_s
+        )
         async with access.agent.test_context() as agent:
             await body(Harness(access, agent, dead))
 
@@ -120,6 +142,31 @@ def test_counts_hits_weighted_by_rank(tmp_path: Path) -> None:
         }
 
     scenario(tmp_path, body)
+
+
+def test_a_batch_writes_each_memory_once_and_counts_as_event_by_event(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        writes: list[str] = []
+        send = h.access.totals.send_changelog
+
+        def record(partition: int | None, key: Any, value: Any, *args: Any, **kw: Any) -> Any:
+            writes.append(key)
+            return send(partition, key, value, *args, **kw)
+
+        h.access.totals.send_changelog = record  # type: ignore[method-assign]
+        first = query("cube-a", ["m1", "m2"])
+        await h.put(first, wait=False)  # offset 0
+        await h.put(query("cube-a", ["m2", "m1"]), wait=False)  # 1
+        await h.put(query("cube-a", ["m1"]), wait=False)  # 2
+        await h.put(first, offset=0, wait=False)  # a redelivery inside the same batch
+        await h.counted()
+        m1, m2 = h.memory("cube-a", "m1"), h.memory("cube-a", "m2")
+        assert (m1["hits"], m1["score"], m1["best_rank"]) == (3, pytest.approx(2.5), 1)
+        assert (m2["hits"], m2["score"], m2["best_rank"]) == (2, pytest.approx(1.5), 1)
+        assert h.access.view.stats()["duplicates"] == 2
+        assert sorted(writes) == ["cube-a/m1", "cube-a/m2"]  # one write each, not five
+
+    scenario(tmp_path, body, batch_s=0.5)
 
 
 def test_a_memory_listed_twice_counts_once_at_its_best_rank(tmp_path: Path) -> None:
@@ -261,3 +308,19 @@ def test_faust_commits_past_a_single_offset_that_was_never_acked(tmp_path: Path)
         assert consumer._new_offset(tp) is None  # a hole of two holds the commit back
 
     asyncio.run(main())
+
+
+def test_agents_consumers_fetch_in_batches(tmp_path: Path) -> None:
+    """The agents' Kafka consumer waits for a fetch to fill instead of waking per search."""
+
+    async def main() -> tuple[int, int]:
+        settings = Settings(topic_prefix=f"unit-{uuid.uuid4().hex[:8]}.", data_dir=tmp_path)
+        app = create_app(settings, "access-stats")
+        app.finalize()
+        consumer = app.consumer._thread._create_worker_consumer(app.transport)
+        try:
+            return consumer._fetch_min_bytes, consumer._fetch_max_wait_ms
+        finally:
+            await consumer.stop()
+
+    assert asyncio.run(main()) == (FETCH_MIN_BYTES, FETCH_MAX_WAIT_MS)

@@ -24,7 +24,7 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
@@ -34,7 +34,7 @@ from faust.types import EventT, Message, StreamT
 from mode import CrashingSupervisor
 
 from schemas import Codec, DecodeError
-from streams.pipeline.agents.runner import FaustProcessor
+from streams.pipeline.agents.runner import FaustProcessor, acked_only_if_done, writing_for
 from streams.pipeline.agents.tables import HEAT_BUCKET_S, HEAT_HORIZON_S, heat_table, totals_table
 from streams.pipeline.agents.topics import queries_topic
 from streams.settings import Settings
@@ -43,6 +43,13 @@ from streams.transport.producer import EventProducer
 from streams.transport.topics import QUERIES
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+#: QueryEvents are counted in batches of up to this many, or what arrived within this long:
+#: each memory hit in a batch is one table write (one changelog record), not one per hit, and
+#: the work comes in short bursts between searches instead of a slice of every search (an
+#: event per search, counted at once, cost the search path more CPU than the search itself).
+BATCH_MAX = 1000
+BATCH_S = 0.5
 
 #: ``await dead_letter(message, error_type, reason)``: publish a refused message to the DLQ.
 DeadLetterSink = Callable[[Message, str, str], Awaitable[None]]
@@ -169,8 +176,10 @@ class AccessStats:
         settings: Settings,
         dead_letter: DeadLetterSink,
         codec: Codec | None = None,
+        batch_s: float = BATCH_S,
     ) -> None:
         self.codec = codec or Codec()
+        self.batch_s = batch_s
         self.view = AccessView()
         self.topic = queries_topic(app, settings)
         self.totals = totals_table(app)
@@ -188,20 +197,22 @@ class AccessStats:
         )(self._consume)
 
     async def _consume(self, stream: StreamT[bytes]) -> None:
-        async for event in stream.events():
-            await self.handle(event)
+        async for events in stream.take_events(BATCH_MAX, within=self.batch_s):
+            with acked_only_if_done(events):
+                await self.handle(events)
 
-    async def handle(self, event: EventT) -> None:
-        """Count one QueryEvent, or dead-letter it if it is not a valid one."""
-        message = event.message
-        try:
-            record = self._decode(message)
-        except (DecodeError, InvalidEvent) as exc:
-            reason = exc.reason if isinstance(exc, DecodeError) else str(exc)
-            await self._dead_letter(message, type(exc).__name__, reason)
-            self.view.count(dead_lettered=1)
-            return
-        self._apply(message.partition, message.offset, record)
+    async def handle(self, events: Sequence[EventT]) -> None:
+        """Count a batch of QueryEvents, dead-lettering those that are not valid ones."""
+        valid: list[tuple[EventT, dict[str, Any]]] = []
+        for event in events:
+            message = event.message
+            try:
+                valid.append((event, self._decode(message)))
+            except (DecodeError, InvalidEvent) as exc:
+                reason = exc.reason if isinstance(exc, DecodeError) else str(exc)
+                await self._dead_letter(message, type(exc).__name__, reason)
+                self.view.count(dead_lettered=1)
+        self._apply(valid)
 
     def _decode(self, message: Message) -> dict[str, Any]:
         record = self.codec.decode(message.value, reader=QUERIES.record).record
@@ -213,47 +224,64 @@ class AccessStats:
             )
         return record
 
-    def _apply(self, partition: int, offset: int, record: dict[str, Any]) -> None:
-        """Add one event's hits to both tables, skipping every key that has counted it already.
+    def _apply(self, batch: Iterable[tuple[EventT, dict[str, Any]]]) -> None:
+        """Add a batch of ``(event, record)`` hits to both tables, skipping every key that has
+        counted an event already; each key changed is written once, at the end, for the last
+        event that changed it (see :func:`~streams.pipeline.agents.runner.writing_for`).
 
-        No await in here: the tables and the view change together, between two events.
+        No await in here: the tables and the view change together, between two batches.
         """
-        cube_id = record["cube_id"]
-        when_ms = _millis(record["event_time"])
-        heat = self.heat.relative_to(when_ms / 1000)
-        bucket_start, _end = heat.table.window.current(when_ms / 1000)
-        ranks: dict[str, int] = {}
-        for rank, hit in enumerate(record["results"], start=1):
-            ranks.setdefault(hit["memory_id"], rank)  # a memory listed twice keeps its best rank
-        counted = skipped = 0
-        for memory_id, rank in ranks.items():
-            key = memory_key(cube_id, memory_id)
-            total = self.totals[key]
-            if _counted(total, partition, offset):
-                skipped += 1
-            else:
-                counted += 1
-                total = {
-                    "hits": total.get("hits", 0) + 1,
-                    "score": total.get("score", 0.0) + 1.0 / rank,
-                    "best_rank": min(total.get("best_rank", rank), rank),
-                    "last_hit_ms": max(total.get("last_hit_ms", when_ms), when_ms),
-                    "partition": partition,
-                    "offset": offset,
-                }
+        totals: dict[str, tuple[EventT, dict[str, Any]]] = {}  # key -> (last event, new total)
+        # (key, bucket start) -> (last event, the table relative to its time, new value)
+        buckets: dict[tuple[str, float], tuple[EventT, Any, dict[str, Any]]] = {}
+        events = counted = skipped = 0
+        for event, record in batch:
+            partition, offset = event.message.partition, event.message.offset
+            events += 1
+            cube_id = record["cube_id"]
+            when_ms = _millis(record["event_time"])
+            heat = self.heat.relative_to(when_ms / 1000)
+            bucket_start, _end = heat.table.window.current(when_ms / 1000)
+            ranks: dict[str, int] = {}
+            for rank, hit in enumerate(record["results"], start=1):
+                ranks.setdefault(hit["memory_id"], rank)  # a memory listed twice: its best rank
+            for memory_id, rank in ranks.items():
+                key = memory_key(cube_id, memory_id)
+                total = totals[key][1] if key in totals else self.totals[key]
+                if _counted(total, partition, offset):
+                    skipped += 1
+                else:
+                    counted += 1
+                    totals[key] = (
+                        event,
+                        {
+                            "hits": total.get("hits", 0) + 1,
+                            "score": total.get("score", 0.0) + 1.0 / rank,
+                            "best_rank": min(total.get("best_rank", rank), rank),
+                            "last_hit_ms": max(total.get("last_hit_ms", when_ms), when_ms),
+                            "partition": partition,
+                            "offset": offset,
+                        },
+                    )
+                slot = (key, bucket_start)
+                bucket = buckets[slot][2] if slot in buckets else heat[key].value()
+                if not _counted(bucket, partition, offset):
+                    buckets[slot] = (event, heat, {
+                        "hits": bucket.get("hits", 0) + 1,
+                        "score": bucket.get("score", 0.0) + 1.0 / rank,
+                        "partition": partition,
+                        "offset": offset,
+                    })  # fmt: skip
+        for key, (event, total) in totals.items():
+            with writing_for(event):
                 self.totals[key] = total
-                self.view.put_total(cube_id, memory_id, total)
-            bucket = heat[key].value()
-            if not _counted(bucket, partition, offset):
-                bucket = {
-                    "hits": bucket.get("hits", 0) + 1,
-                    "score": bucket.get("score", 0.0) + 1.0 / rank,
-                    "partition": partition,
-                    "offset": offset,
-                }
+            cube_id, _, memory_id = key.rpartition("/")
+            self.view.put_total(cube_id, memory_id, total)
+        for (key, start), (event, heat, bucket) in buckets.items():
+            with writing_for(event):
                 heat[key] = bucket
-                self.view.put_bucket(key, bucket_start, bucket)
-        self.view.count(events=1, hits=counted, duplicates=skipped)
+            self.view.put_bucket(key, start, bucket)
+        self.view.count(events=events, hits=counted, duplicates=skipped)
 
     def reload(self, partitions: set[int], now_s: float) -> None:
         """Reload the view from the tables after a rebalance, keeping the keys of the source

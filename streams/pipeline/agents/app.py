@@ -8,8 +8,18 @@ deployment's), and a processor the host restarts gets a fresh app, never one hal
 from __future__ import annotations
 
 import faust
+from faust.types import TransportT
 
+from streams.pipeline.agents.transport import Transport
 from streams.settings import Settings
+
+
+class AgentsApp(faust.App):
+    """A Faust app on memstream's Kafka transport (fetches that wait to fill, see
+    :mod:`streams.pipeline.agents.transport`)."""
+
+    def _new_transport(self) -> TransportT:
+        return Transport(self.conf.broker_consumer, self)
 
 
 def create_app(settings: Settings, name: str) -> faust.App:
@@ -22,12 +32,13 @@ def create_app(settings: Settings, name: str) -> faust.App:
     memory:// table has no persisted offset and re-reads a partition's changelog from the start
     whenever the partition becomes active, so a standby copy would only cost memory and reads;
     and ``exactly_once`` stays off (its transactional mode has open bugs): the agents make
-    redeliveries harmless themselves.
+    redeliveries harmless themselves. ``producer_linger``: the changelog records of a batch go
+    out in a few produce requests rather than one each (the broker shares the machine).
     """
     app_id = settings.group(name)
     datadir = settings.data_dir / "faust" / app_id
     datadir.parent.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
-    return faust.App(
+    return AgentsApp(
         app_id,
         broker=[f"kafka://{host.strip()}" for host in settings.kafka_bootstrap.split(",")],
         store="memory://",
@@ -39,4 +50,5 @@ def create_app(settings: Settings, name: str) -> faust.App:
         topic_replication_factor=settings.replication_factor,
         consumer_auto_offset_reset="earliest",
         datadir=datadir,
+        producer_linger=0.05,
     )

@@ -21,18 +21,55 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import weakref
 from abc import abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import ClassVar
 
 import faust
 from aiokafka.codec import has_lz4
 from faust.contrib.asgi import bind_to_running_loop
+from faust.streams import _current_event
+from faust.types import EventT
 
 from streams.pipeline.agents.app import create_app
 from streams.runtime.processor import Processor
 from streams.settings import Settings
 
 log = logging.getLogger("memstream.agents")
+
+
+@contextmanager
+def writing_for(event: EventT) -> Iterator[None]:
+    """Table writes in this block go to ``event``'s changelog partition, as if made while the
+    stream handled it. A Faust table picks the partition of a write from the stream's current
+    event, which a batch of ``take_events`` does not set; an agent that writes each key once per
+    batch writes it for the batch's last event of that key (the same partition: a key's events
+    all come from one)."""
+    token = _current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
+
+
+@contextmanager
+def acked_only_if_done(events: Sequence[EventT]) -> Iterator[None]:
+    """A batch of ``take_events`` whose handling fails stays unacknowledged.
+
+    ``take_events`` acknowledges its batch in a ``finally``, so also when the handler raised or
+    was cancelled; the commit that follows (a crashed app's stop commits what was acked) would
+    then skip events never counted. A message already marked acked is one the consumer does not
+    record as processed, so its offset, and every later one, stays uncommitted and is
+    redelivered to the next instance, which the agents' offset guards make harmless.
+    """
+    try:
+        yield
+    except BaseException:
+        for event in events:
+            event.message.acked = True
+        raise
 
 
 class FaustAppFailed(RuntimeError):

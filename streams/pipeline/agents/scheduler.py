@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -46,8 +46,13 @@ from mode import CrashingSupervisor
 from processors.commands import command_id
 from processors.scheduler import Decision, Heat, SchedulerPolicy, Tracked, add_hit, decide, track
 from schemas import Codec, DecodeError
-from streams.pipeline.agents.access import EPOCH, memory_key
-from streams.pipeline.agents.runner import FaustAppFailed, FaustProcessor
+from streams.pipeline.agents.access import BATCH_MAX, BATCH_S, EPOCH, memory_key
+from streams.pipeline.agents.runner import (
+    FaustAppFailed,
+    FaustProcessor,
+    acked_only_if_done,
+    writing_for,
+)
 from streams.pipeline.agents.topics import memory_ops_topic, queries_topic
 from streams.settings import Settings
 from streams.transport.producer import EventProducer
@@ -158,8 +163,9 @@ class Scheduler:
     # -- following the log ------------------------------------------------------------------
 
     async def _consume_queries(self, stream: StreamT[bytes]) -> None:
-        async for event in stream.events():
-            self.count_query(event)
+        async for events in stream.take_events(BATCH_MAX, within=BATCH_S):
+            with acked_only_if_done(events):
+                self.count_queries(events)
 
     async def _consume_ops(self, stream: StreamT[bytes]) -> None:
         async for event in stream.events():
@@ -177,28 +183,34 @@ class Scheduler:
             return None
         return value
 
-    def count_query(self, event: EventT) -> None:
-        """Add one QueryEvent's hits to the heat table (no await: one event at a time)."""
-        record = self._decode(event, QUERIES.record)
-        if record is None:
-            return
-        partition, offset = event.message.partition, event.message.offset
-        cube_id = record["cube_id"]
-        when_ms = (record["event_time"] - EPOCH) // timedelta(milliseconds=1)
-        half_life = self.policy(cube_id).half_life_s
-        ranks: dict[str, int] = {}
-        for rank, hit in enumerate(record["results"], start=1):
-            ranks.setdefault(hit["memory_id"], rank)
-        for memory_id, rank in ranks.items():
-            key = memory_key(cube_id, memory_id)
-            value = self.heat[key]
-            if value.get("partition") == partition and value["offset"] >= offset:
-                self.counters["scheduler_duplicates"] += 1
+    def count_queries(self, events: Iterable[EventT]) -> None:
+        """Add a batch of QueryEvents' hits to the heat table, each key changed written once
+        (no await: one batch at a time)."""
+        heats: dict[str, tuple[EventT, dict[str, Any]]] = {}  # key -> (last event, new value)
+        for event in events:
+            record = self._decode(event, QUERIES.record)
+            if record is None:
                 continue
-            heat = add_hit(Heat.from_dict(value), rank, when_ms, half_life)
-            self.heat[key] = {**heat.as_dict(), "partition": partition, "offset": offset}
-            self.counters["scheduler_hits"] += 1
-        self.counters["scheduler_queries"] += 1
+            partition, offset = event.message.partition, event.message.offset
+            cube_id = record["cube_id"]
+            when_ms = (record["event_time"] - EPOCH) // timedelta(milliseconds=1)
+            half_life = self.policy(cube_id).half_life_s
+            ranks: dict[str, int] = {}
+            for rank, hit in enumerate(record["results"], start=1):
+                ranks.setdefault(hit["memory_id"], rank)
+            for memory_id, rank in ranks.items():
+                key = memory_key(cube_id, memory_id)
+                value = heats[key][1] if key in heats else self.heat[key]
+                if value.get("partition") == partition and value["offset"] >= offset:
+                    self.counters["scheduler_duplicates"] += 1
+                    continue
+                heat = add_hit(Heat.from_dict(value), rank, when_ms, half_life)
+                heats[key] = event, {**heat.as_dict(), "partition": partition, "offset": offset}
+                self.counters["scheduler_hits"] += 1
+            self.counters["scheduler_queries"] += 1
+        for key, (event, value) in heats.items():
+            with writing_for(event):
+                self.heat[key] = value
 
     def follow_op(self, event: EventT) -> None:
         """Track one memory op (a redelivered version changes nothing)."""
