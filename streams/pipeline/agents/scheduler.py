@@ -168,8 +168,10 @@ class Scheduler:
                 self.count_queries(events)
 
     async def _consume_ops(self, stream: StreamT[bytes]) -> None:
-        async for event in stream.events():
-            self.follow_op(event)
+        async for events in stream.take_events(BATCH_MAX, within=BATCH_S):
+            with acked_only_if_done(events):
+                for event in events:
+                    self.follow_op(event)
 
     def _decode(self, event: EventT, record: str) -> dict[str, Any] | None:
         message = event.message
@@ -213,7 +215,7 @@ class Scheduler:
                 self.heat[key] = value
 
     def follow_op(self, event: EventT) -> None:
-        """Track one memory op (a redelivered version changes nothing)."""
+        """Track one memory op of a batch (a redelivered version changes nothing)."""
         op = self._decode(event, MEMORY_OPS.record)
         if op is None:
             return
@@ -221,7 +223,8 @@ class Scheduler:
         value = self.memories[key]
         state = track(Tracked.from_dict(value), op)
         if state.version != value.get("version"):
-            self.memories[key] = {**state.as_dict(), "partition": event.message.partition}
+            with writing_for(event):
+                self.memories[key] = {**state.as_dict(), "partition": event.message.partition}
             self._sent.pop(key, None)  # its version moved: a new decision gets a new id
         self.counters["scheduler_ops"] += 1
 
