@@ -324,10 +324,13 @@ def demo(
                               f"{hit['keyword']:.1f}", hit["text"])  # fmt: skip
             console.print(table)
 
-        # The access-stats agent (Faust) counted those searches from memstream.queries.
+        # The access-stats agent (Faust) counted those searches from memstream.queries, in
+        # batches of half a second: once the first shows, one more batch for the rest.
         deadline = time.monotonic() + 30
-        while not (hot := client.access(cube, 5)) and time.monotonic() < deadline:
+        while not client.access(cube, 5) and time.monotonic() < deadline:
             time.sleep(0.2)
+        time.sleep(1.0)
+        hot = client.access(cube, 5)
         table = Table("hits", "best rank", "score", "memory", title="hottest memories (Faust)")
         texts = {m["memory_id"]: m["text"] for m in client.memories(cube, 16384)}
         for row in hot:
