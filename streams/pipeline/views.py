@@ -210,9 +210,10 @@ class ViewsProcessor(Processor):
     def step(self) -> None:
         first = self._consumer.poll(0.2)
         if first is None:
-            self._commit()
             if time.monotonic() - self._busy_at >= QUIET_FLUSH_S:
-                self._flush()
+                self._flush()  # commits too
+            else:
+                self._commit()
             return
         self._busy_at = time.monotonic()
         messages = [first, *self._consumer.consume(1999, 0)]

@@ -34,7 +34,13 @@ from faust.types import EventT, Message, StreamT
 from mode import CrashingSupervisor
 
 from schemas import Codec, DecodeError
-from streams.pipeline.agents.runner import FaustProcessor, acked_only_if_done, writing_for
+from streams.pipeline.agents.runner import (
+    BATCH_MAX,
+    BATCH_S,
+    FaustProcessor,
+    acked_only_if_done,
+    writing_for,
+)
 from streams.pipeline.agents.tables import HEAT_BUCKET_S, HEAT_HORIZON_S, heat_table, totals_table
 from streams.pipeline.agents.topics import queries_topic
 from streams.settings import Settings
@@ -43,13 +49,6 @@ from streams.transport.producer import EventProducer
 from streams.transport.topics import QUERIES
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-#: QueryEvents are counted in batches of up to this many, or what arrived within this long:
-#: each memory hit in a batch is one table write (one changelog record), not one per hit, and
-#: the work comes in short bursts between searches instead of a slice of every search (an
-#: event per search, counted at once, cost the search path more CPU than the search itself).
-BATCH_MAX = 1000
-BATCH_S = 0.5
 
 #: ``await dead_letter(message, error_type, reason)``: publish a refused message to the DLQ.
 DeadLetterSink = Callable[[Message, str, str], Awaitable[None]]

@@ -39,6 +39,14 @@ from streams.settings import Settings
 
 log = logging.getLogger("memstream.agents")
 
+#: The agents read their topics in batches of up to this many events, or what arrived within
+#: this long (``take_events``): each memory a batch touches is one table write (one changelog
+#: record), not one per hit, and the work comes in short bursts between searches instead of a
+#: slice of every search (a QueryEvent counted at once cost the search path more CPU than the
+#: search itself).
+BATCH_MAX = 1000
+BATCH_S = 0.5
+
 
 @contextmanager
 def writing_for(event: EventT) -> Iterator[None]:

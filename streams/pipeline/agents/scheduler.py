@@ -46,8 +46,10 @@ from mode import CrashingSupervisor
 from processors.commands import command_id
 from processors.scheduler import Decision, Heat, SchedulerPolicy, Tracked, add_hit, decide, track
 from schemas import Codec, DecodeError
-from streams.pipeline.agents.access import BATCH_MAX, BATCH_S, EPOCH, memory_key
+from streams.pipeline.agents.access import EPOCH, memory_key
 from streams.pipeline.agents.runner import (
+    BATCH_MAX,
+    BATCH_S,
     FaustAppFailed,
     FaustProcessor,
     acked_only_if_done,

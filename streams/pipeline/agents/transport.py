@@ -4,7 +4,7 @@ Faust's consumer asks the broker for new records with aiokafka's default ``fetch
 the broker answers as soon as one record is there. On ``memstream.queries`` that is one fetch,
 one wake-up of the consumer thread and one hand-off to the agent per search, a cost of the
 search path on a small machine (the agents share its cores and the API's interpreter). The
-agents count in batches (see :data:`~streams.pipeline.agents.access.BATCH_S`), so they gain
+agents count in batches (see :data:`~streams.pipeline.agents.runner.BATCH_S`), so they gain
 nothing from records that arrive sooner: here a fetch waits for :data:`FETCH_MIN_BYTES` or
 :data:`FETCH_MAX_WAIT_MS`, whichever comes first. Under load it fills at once; when idle a new
 record reaches an agent within half a second.
