@@ -219,6 +219,10 @@ def bench(
     readers: Annotated[
         int, typer.Option(help="ingest: reader processes (N > 1: N readers + 1 views process).")
     ] = 1,
+    split: Annotated[
+        bool,
+        typer.Option("--split", help="ingest: with 1 reader, run it beside a views process."),
+    ] = False,
     ops: Annotated[
         int | None,
         typer.Option(help="restart / replay: ops in the log (1,000,000 / 100,000)."),
@@ -231,7 +235,8 @@ def bench(
     if name == "ingest":
         from bench import ingest
 
-        ingest.run(n=interactions or 20_000, peers=() if no_peer else ("mem0",), readers=readers)
+        ingest.run(n=interactions or 20_000, peers=() if no_peer else ("mem0",), readers=readers,
+                   split=split)  # fmt: skip
     elif name == "search":
         from bench import search
 

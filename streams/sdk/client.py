@@ -98,8 +98,9 @@ class MemoryClient:
     def audit(self, sql: str) -> list[dict[str, Any]]:
         return self._ok(self._http.post("/v1/audit", json={"sql": sql}))
 
-    def status(self) -> dict[str, Any]:
-        return self._ok(self._http.get("/v1/status"))
+    def status(self, lag: bool = True) -> dict[str, Any]:
+        """``GET /v1/status``; ``lag=False`` skips the group lag (the part that asks Kafka)."""
+        return self._ok(self._http.get("/v1/status", params={"lag": str(lag).lower()}))
 
     def chat(
         self, cube_id: str, message: str | None = None,

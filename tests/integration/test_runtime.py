@@ -103,6 +103,17 @@ def memory_of(api: TestClient, cube: str, query: str) -> dict[str, Any]:
     return hits[0]
 
 
+def test_status_leaves_the_lag_out_when_asked_and_counts_it_otherwise(api: TestClient) -> None:
+    cube = f"lag-{uuid.uuid4().hex[:6]}"
+    publish(api, cube, "I keep my bike in the hallway.", T0)
+    wait(lambda: drained(api), 120, "pipeline not drained")
+    quick = api.get("/v1/status", params={"lag": "false"}).json()
+    assert quick["lag"] is None and quick["counters"]["interactions"] >= 1
+    full = api.get("/v1/status").json()["lag"]
+    assert set(full) == {"interactions", "commands", "memory_ops"}
+    assert all(isinstance(v, int) and v >= 0 for v in full.values())
+
+
 def test_a_command_and_a_reader_op_on_one_memory_get_contiguous_versions(
     api: TestClient,
 ) -> None:

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from streams.api.deps import Service, service
 from streams.api.routes.chat import chat_status
-from streams.runtime.lag import group_lag
+from streams.runtime.lag import lags
 from streams.transport.topics import COMMANDS, INTERACTIONS, MEMORY_OPS
 
 log = logging.getLogger("memstream.api")
@@ -41,20 +41,30 @@ def _lag(svc: Service) -> dict[str, int]:
     yet, a broker away): unknown is never reported as drained."""
     s, generation = svc.runtime.settings, svc.runtime.generation
     reader, views = generation.reader_group(s), generation.views_group(s)
+    questions = {"interactions": (reader, s.topic(INTERACTIONS.name)),
+                 "commands": (reader, s.topic(COMMANDS.name)),
+                 "memory_ops": (views, s.topic(MEMORY_OPS.name))}  # fmt: skip
+    try:
+        found = lags(s, questions)
+    except Exception as exc:  # the metadata itself: nothing is known
+        found = dict.fromkeys(questions, exc)
     lag = {}
-    for name, group, topic in (("interactions", reader, INTERACTIONS), ("commands", reader,
-                               COMMANDS), ("memory_ops", views, MEMORY_OPS)):  # fmt: skip
-        try:
-            lag[name] = group_lag(s, group, s.topic(topic.name))
-        except Exception as exc:
-            log.warning("lag of %s unknown: %s", name, exc)
+    for name, value in found.items():
+        if isinstance(value, Exception):
+            log.warning("lag of %s unknown: %s", name, value)
             lag[name] = -1
+        else:
+            lag[name] = value
     return lag
 
 
 @router.get("/v1/status")
-async def status(svc: ServiceDep) -> dict[str, Any]:
-    """Role, processors (state, restarts, counters), group lag, the search working set."""
+async def status(svc: ServiceDep, lag: bool = True) -> dict[str, Any]:
+    """Role, processors (state, restarts, counters), group lag, the search working set.
+
+    ``lag=false`` leaves the lag out (``null``): it is the one part that asks the broker, so
+    a client that polls for progress asks for it only once the counters say it may be done.
+    """
     host = svc.runtime.host
     health = host.health()
     counters: dict[str, Any] = {}
@@ -73,7 +83,7 @@ async def status(svc: ServiceDep) -> dict[str, Any]:
         "caught_up": host.ready(),
         "running": host.live(),
         "failure": failure,
-        "lag": await run_in_threadpool(_lag, svc),
+        "lag": await run_in_threadpool(_lag, svc) if lag else None,
         "counters": counters,
         "processors": health,
         "working_set": stores.searcher.working_set.stats() if stores else None,
