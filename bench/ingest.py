@@ -222,7 +222,7 @@ def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300,
               side_by_side=("memstream", "mem0"))  # fmt: skip
     finally:
         for w in workers:
-            w.stop()
+            w.discard()
     if "mem0" in peers:
         results["mem0"] = peer_ingest(interactions, probes, base)
         write(name, results, console, side_by_side=("memstream", "mem0"))

@@ -110,7 +110,7 @@ def run(n: int = 5_000, searches: int = 1_000) -> dict[str, Any]:
                 worker.client.search(cube, q, 10)
         search = sampler.stop()
     finally:
-        worker.stop()
+        worker.discard()
     results = {
         "interactions": n,
         "ingest_s": round(ingest_s, 1),

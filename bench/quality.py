@@ -131,7 +131,7 @@ def run(
                         per_system[system][sample.sample_id].append(scored)
                 progress.advance(task)
     finally:
-        worker.stop()
+        worker.discard()
     if run_out:
         run_out.write_text(json.dumps(run_file, indent=1) + "\n")
         console.print(f"run written to {run_out}")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from streams.sdk.client import MemoryClient
 from streams.settings import Settings
-from streams.transport.topics import ensure_topics
+from streams.transport.topics import delete_topics, ensure_topics
 
 
 def free_port() -> int:
@@ -97,3 +97,8 @@ class ServeProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(30)
+
+    def discard(self) -> None:
+        """Stop, then delete the run's topics (a benchmark's worker: its log is not kept)."""
+        self.stop()
+        delete_topics(self.settings)
