@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
@@ -93,3 +94,32 @@ def test_a_hung_processor_is_not_ready() -> None:
         assert not host.ready()
     finally:
         host.stop()
+
+
+class Priority(Processor):
+    """Records the nice value of the thread its steps run in."""
+
+    name = "priority"
+    seen: dict[str, int] = {}  # noqa: RUF012 (read by the test after the thread ran)
+
+    def __init__(self, label: str, nice: int) -> None:
+        self.label = label
+        self.nice = nice  # type: ignore[misc] (an instance stands for a subclass here)
+
+    def step(self) -> None:
+        tid = threading.get_native_id()
+        Priority.seen[self.label] = os.getpriority(os.PRIO_PROCESS, tid)
+        time.sleep(0.01)
+
+
+def test_a_background_processor_runs_at_its_lower_priority_and_the_others_do_not() -> None:
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    host = Host({"kv": lambda: Priority("kv", 10), "stream": lambda: Priority("stream", 0)})
+    host.start()
+    try:
+        wait_for(lambda: {"kv", "stream"} <= set(Priority.seen))
+    finally:
+        host.stop()
+    assert Priority.seen["kv"] == max(base, 10)
+    assert Priority.seen["stream"] == base
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base

@@ -53,6 +53,7 @@ class ActivationProcessor(Processor):
     """The views' activated sets -> KV caches in MinIO -> CREATE / ARCHIVE commands."""
 
     name = "activation"
+    nice = 10  # a KV-cache build (an LM prefill, 0.3-1 s of a core) waits for the searches
     inputs = ("memory-ops (the views' fold)",)
     outputs = ("minio:blobs/kv", "commands")
     state = "the sets it asked a cache for (until the op is folded); the rest is in the fold"

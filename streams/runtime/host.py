@@ -13,6 +13,7 @@ step for ``stall_s`` seconds (hung).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -131,6 +132,7 @@ class Host:
             slot.state = "starting"
             try:
                 slot.instance = slot.factory()
+                lower_priority(slot.instance.nice)
                 slot.instance.open()
                 slot.state = "running"
                 while not slot.stop.is_set():
@@ -212,3 +214,13 @@ class Host:
 
     def live(self) -> bool:
         return not self.failed.is_set()
+
+
+def lower_priority(nice: int) -> None:
+    """Give the calling thread at least ``nice`` (Linux threads have a nice value each; elsewhere
+    nothing changes). Never raises it back: a thread's priority only goes down."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    tid = threading.get_native_id()
+    if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+        os.setpriority(os.PRIO_PROCESS, tid, nice)

@@ -26,6 +26,9 @@ class Processor(ABC):
     inputs: ClassVar[tuple[str, ...]] = ()
     outputs: ClassVar[tuple[str, ...]] = ()
     state: ClassVar[str] = ""
+    #: The ``nice`` value of its thread (Linux; 0: the stream's own priority). Background work
+    #: that may wait (KV-cache builds) sets 10, so a search or the writer preempts it.
+    nice: ClassVar[int] = 0
 
     def open(self) -> None:  # noqa: B027 (optional hook)
         """Connect consumers and producers; called once, in the processor's own thread."""
