@@ -105,7 +105,7 @@ def reader_counters(workers: list[ServeProcess]) -> dict[str, int]:
 
 
 #: The embedder ceiling is the median of this many runs: on a shared 2-core VM one run's speed
-#: drifts by +-10 % from the next (the CPU time per text itself changes, not the threads' use).
+#: drifts by up to 12 % from the next (the CPU time per text itself changes, not the threads' use).
 CEILING_RUNS = 3
 
 
