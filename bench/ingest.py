@@ -93,15 +93,20 @@ def start_workers(
     return workers
 
 
-def reader_counters(workers: list[ServeProcess]) -> dict[str, int]:
-    """The writer's counters summed over every process that runs a reader."""
+def reader_counters(statuses: list[dict[str, Any]]) -> dict[str, int]:
+    """The writer's counters summed over the statuses of every process that runs a reader."""
     total: dict[str, int] = {"interactions": 0, "ops_emitted": 0}
-    for worker in workers:
-        reader = worker.client.status(lag=False)["processors"].get("reader")
+    for status in statuses:
+        reader = status["processors"].get("reader")
         if reader is not None:
             for key in total:
                 total[key] += reader["stats"].get(key, 0)
     return total
+
+
+def statuses(workers: list[ServeProcess]) -> list[dict[str, Any]]:
+    """Each worker's status without the group lag (the part that asks the broker)."""
+    return [w.client.status(lag=False) for w in workers]
 
 
 #: The embedder ceiling is the median of this many runs: on a shared 2-core VM one run's speed
@@ -133,16 +138,17 @@ def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300,
             # Progress from the counters alone; the lag (broker requests: a cost to the pipeline
             # being measured) is asked only once the reader has counted every interaction.
             while True:
-                read = reader_counters(workers)["interactions"]
+                now = statuses(workers)
+                read = reader_counters(now)["interactions"]
                 progress.update(task, completed=read)
-                status = client.status(lag=read >= n)
+                status = client.status() if read >= n else now[0]
                 if status["failure"]:
                     raise RuntimeError(status["failure"])
                 if read >= n and status["caught_up"] and not any(status["lag"].values()):
                     break
                 time.sleep(0.2)
         ingest_s = time.perf_counter() - started
-        counters = reader_counters(workers)
+        counters = reader_counters(statuses(workers))
         # The texts the reader embedded (replies carry their question): the ceiling's input.
         memory_texts = [m["text"] for c in sorted({i.cube_id for i in interactions})
                         for m in client.memories(c, 16384)]  # fmt: skip

@@ -27,7 +27,7 @@ from confluent_kafka.admin import AdminClient
 from streams.pipeline.build import Stores
 from streams.pipeline.views import ViewsProcessor
 from streams.runtime.generations import Generation, GenerationState, GenerationStore, Kind
-from streams.runtime.lag import group_lag
+from streams.runtime.lag import lags
 from streams.runtime.processor import Processor
 from streams.transport.topics import COMMANDS, INTERACTIONS, MEMORY_OPS
 
@@ -96,12 +96,15 @@ class Replay:
         views = self.runtime.host.get(NEXT_VIEWS)
         if not isinstance(views, ViewsProcessor) or not views.caught_up():
             return False
-        if nxt.ops != state.current.ops:
+        questions = {MEMORY_OPS.name: (nxt.views_group(s), s.topic(MEMORY_OPS.name))}
+        if nxt.ops != state.current.ops:  # a re-extraction: its writer must have caught up too
             group = nxt.reader_group(s)
-            for topic in (INTERACTIONS, COMMANDS):
-                if group_lag(s, group, s.topic(topic.name)) != 0:
-                    return False
-        return group_lag(s, nxt.views_group(s), s.topic(MEMORY_OPS.name)) == 0
+            questions |= {t.name: (group, s.topic(t.name)) for t in (INTERACTIONS, COMMANDS)}
+        found = lags(s, questions)
+        for value in found.values():
+            if isinstance(value, Exception):
+                raise value
+        return not any(found.values())
 
     def _switch(self, state: GenerationState) -> GenerationState:
         rt, new_stores = self.runtime, self.next_stores

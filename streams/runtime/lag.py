@@ -91,12 +91,13 @@ def lags(
             {tp: OffsetSpec.latest() for tp in wanted}, request_timeout=timeout
         ).items()
     }
-    by_group: dict[str, list[TopicPartition]] = {}
+    by_group: dict[str, set[str]] = {}
     for group, topic in asked.values():
-        by_group.setdefault(group, []).extend(partitions[topic])
+        by_group.setdefault(group, set()).add(topic)
 
     def committed(group: str) -> dict[tuple[str, int], int]:
-        request = [ConsumerGroupTopicPartitions(group, by_group[group])]
+        tps = [tp for topic in sorted(by_group[group]) for tp in partitions[topic]]
+        request = [ConsumerGroupTopicPartitions(group, tps)]
         found = admin.list_consumer_group_offsets(request, request_timeout=timeout)[group]
         done = found.result(timeout).topic_partitions
         return {(tp.topic, tp.partition): tp.offset for tp in done}
