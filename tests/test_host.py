@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from streams.runtime.host import Host
@@ -123,3 +124,31 @@ def test_a_background_processor_runs_at_its_lower_priority_and_the_others_do_not
     assert Priority.seen["kv"] == max(base, 10)
     assert Priority.seen["stream"] == base
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
+
+
+class ThreadName(Processor):
+    """Records the OS name of the thread its steps run in."""
+
+    name = "thread-name"
+    seen: dict[str, str] = {}  # noqa: RUF012 (read by the test after the thread ran)
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def step(self) -> None:
+        tid = threading.get_native_id()
+        ThreadName.seen[self.label] = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+        time.sleep(0.01)
+
+
+def test_each_processor_thread_carries_its_name_for_the_os() -> None:
+    host = Host({"views": lambda: ThreadName("views"),
+                 "a-very-long-processor-name": lambda: ThreadName("long")})  # fmt: skip
+    host.start()
+    try:
+        wait_for(lambda: {"views", "long"} <= set(ThreadName.seen))
+    finally:
+        host.stop()
+    assert ThreadName.seen["views"] == "views"
+    assert ThreadName.seen["long"] == "a-very-long-pro"  # Linux keeps 15 bytes
+    assert Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text().strip() != "views"
