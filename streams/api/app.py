@@ -26,12 +26,13 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         rt = runtime or build_runtime(settings)
         producer = EventProducer(settings)
-        app.state.service = Service(rt, producer)
+        app.state.service = svc = Service(rt, producer)
         rt.host.start()
         try:
             yield
         finally:
             rt.host.stop()
+            svc.close()
             producer.close()
 
     app = FastAPI(

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import HTTPException, Request
 
@@ -12,6 +16,8 @@ from streams.pipeline.views import ViewsProcessor
 from streams.query.time_travel import TimeTravel
 from streams.transport.producer import EventProducer
 
+log = logging.getLogger("memstream.api")
+
 
 @dataclass
 class Service:
@@ -20,11 +26,17 @@ class Service:
     runtime: Runtime
     producer: EventProducer
     time_travel: TimeTravel = field(init=False)
+    events: LaterPublisher = field(init=False)
 
     def __post_init__(self) -> None:
         self.time_travel = TimeTravel(
             self.runtime.settings, self.runtime.snapshots, self.runtime.codec
         )
+        self.events = LaterPublisher(self.producer)
+
+    def close(self) -> None:
+        """Publish what is queued (before the producer closes)."""
+        self.events.close()
 
     def stores(self) -> Stores:
         """The view stores, or a 503 that says which role serves them."""
@@ -44,5 +56,33 @@ class Service:
         return views
 
 
-def service(request: Request) -> Service:
+class LaterPublisher:
+    """Best-effort events (a search's QueryEvent) published on the API's own thread.
+
+    Not a response background task: Starlette runs those inside the request's cycle, so the
+    connection's next request waited for this one's publish, one more hop through the thread
+    pool per search. A failure is logged; the caller has its answer already.
+    """
+
+    def __init__(self, producer: EventProducer) -> None:
+        self._producer = producer
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="api-events")
+
+    def publish(self, topic: str, key: str, record: str, value: Mapping[str, Any]) -> None:
+        future = self._thread.submit(self._producer.publish_nowait, topic, key, record, value)
+        future.add_done_callback(_log_failure)
+
+    def close(self) -> None:
+        """Wait for the queued events, then stop the thread."""
+        self._thread.shutdown(wait=True)
+
+
+def _log_failure(future: Future[None]) -> None:
+    if (error := future.exception()) is not None:
+        log.warning("a best-effort event was not published: %r", error)
+
+
+async def service(request: Request) -> Service:
+    """The app's :class:`Service`. Async on purpose: FastAPI runs a sync dependency in its
+    thread pool, a round trip between threads on every request for a dict lookup."""
     return request.app.state.service

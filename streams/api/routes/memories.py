@@ -8,7 +8,7 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, BackgroundTasks, Body, Depends, HTTPException, Query
+from fastapi import APIRouter, Body, Depends, HTTPException, Query
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
@@ -134,7 +134,6 @@ async def publish(
 async def search(
     cube_id: str,
     svc: ServiceDep,
-    background: BackgroundTasks,
     q: Annotated[str, Query(min_length=1, description="What to look for.")],
     top_k: Annotated[int, Query(ge=1, le=200)] = 10,
     since: datetime | None = None,
@@ -144,8 +143,8 @@ async def search(
     actor: str = "api",
     as_of: AsOf = None,
 ) -> SearchResponse:
-    """Hybrid search (dense + BM25, fused by RRF); publishes a QueryEvent once the answer is
-    sent (the statistics it feeds are not the caller's wait). With ``as_of``: over the cube's
+    """Hybrid search (dense + BM25, fused by RRF); queues a QueryEvent on the API's publishing
+    thread (the statistics it feeds are not the caller's wait). With ``as_of``: over the cube's
     memories as they were then (folded from the log)."""
     searcher = svc.stores().searcher
     started = time.perf_counter()
@@ -160,8 +159,7 @@ async def search(
     latency = (time.perf_counter() - started) * 1e3
     query_id = str(uuid.uuid4())
     settings = svc.runtime.settings
-    background.add_task(
-        svc.producer.publish_nowait,
+    svc.events.publish(
         settings.topic(QUERIES.name),
         cube_id,
         QUERIES.record,
