@@ -152,6 +152,13 @@ class Tracked:
                    bool(value["activated"]), bool(value.get("by_scheduler", True)))  # fmt: skip
 
 
+#: What an ADD makes of a memory, and what most memories stay: the scheduler's table leaves this
+#: state out (nine ops in ten are plain ADDs; each stored state is a changelog record), and a
+#: memory with heat but no stored state is taken to be in it. A wrong guess (its newer op not
+#: followed yet) is harmless: the command's ``expected_version`` is then stale, the writer
+#: refuses it, and the newer op brings a new decision.
+FRESH = Tracked(1, "active", "PLAINTEXT", False)
+
 _STATUS = {"ARCHIVE": "archived", "RESTORE": "active", "EXPIRE": "expired", "DELETE": "deleted"}
 
 

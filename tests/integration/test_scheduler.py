@@ -200,6 +200,12 @@ def test_hot_memories_are_activated_and_demoted_when_the_queries_move(
         assert op["reason"].startswith("scheduler: cooled: heat")
         assert evidence_of(op["reason"])["heat"] < MIN_HEAT
     ops.close()
+    # The scheduler stored only the memories the log moved past their ADD (the four it
+    # activated); the fresh garden memory, never hot, has no changelog record.
+    agent = runtime.host.get("scheduler")
+    stored = {key.rpartition("/")[2] for key in list(agent.scheduler.memories.keys())
+              if key.startswith(f"{cube}/")}  # fmt: skip
+    assert stored == {ids[t] for t in (*first, *second)}
 
     def counters() -> dict[str, Any]:
         return api.get("/v1/status").json()["counters"]

@@ -10,9 +10,10 @@ wiring: two agents, two tables and a timer on an app of the scheduler's own.
   last event it counted; a cube's events all live in one partition), folded into one decayed
   value instead of its 10-minute buckets, so that the half-life is the policy's.
 - ``scheduler-memories`` (agent on ``memory-ops``): per memory, what the log says of it
-  (version, status, type, activated), by :func:`~processors.scheduler.track`. What is activated
-  is what the ACTIVATE / DEACTIVATE ops say, never what the scheduler asked for: a command may be
-  rejected (the memory was archived meanwhile, or moved to another version).
+  (version, status, type, activated), by :func:`~processors.scheduler.track`; a memory still as
+  its ADD made it (:data:`~processors.scheduler.FRESH`, most of them) is not stored. What is
+  activated is what the ACTIVATE / DEACTIVATE ops say, never what the scheduler asked for: a
+  command may be rejected (the memory was archived meanwhile, or moved to another version).
 - a timer every ``scheduler_interval_s``: each owned cube whose policy interval has passed is
   decided, and the commands are published on ``commands``, keyed by cube.
 
@@ -44,7 +45,16 @@ from faust.types import EventT, StreamT
 from mode import CrashingSupervisor
 
 from processors.commands import command_id
-from processors.scheduler import Decision, Heat, SchedulerPolicy, Tracked, add_hit, decide, track
+from processors.scheduler import (
+    FRESH,
+    Decision,
+    Heat,
+    SchedulerPolicy,
+    Tracked,
+    add_hit,
+    decide,
+    track,
+)
 from schemas import Codec, DecodeError
 from streams.pipeline.agents.access import EPOCH, memory_key
 from streams.pipeline.agents.runner import (
@@ -217,16 +227,18 @@ class Scheduler:
                 self.heat[key] = value
 
     def follow_op(self, event: EventT) -> None:
-        """Track one memory op of a batch (a redelivered version changes nothing)."""
+        """Track one memory op of a batch (a redelivered version changes nothing). A memory
+        still in the state its ADD made (:data:`~processors.scheduler.FRESH`) is not stored."""
         op = self._decode(event, MEMORY_OPS.record)
         if op is None:
             return
         key = memory_key(op["cube_id"], op["memory_id"])
-        value = self.memories[key]
+        value = self.memories.get(key) or {}
         state = track(Tracked.from_dict(value), op)
         if state.version != value.get("version"):
-            with writing_for(event):
-                self.memories[key] = {**state.as_dict(), "partition": event.message.partition}
+            if value or state != FRESH:
+                with writing_for(event):
+                    self.memories[key] = {**state.as_dict(), "partition": event.message.partition}
             self._sent.pop(key, None)  # its version moved: a new decision gets a new id
         self.counters["scheduler_ops"] += 1
 
@@ -267,6 +279,10 @@ class Scheduler:
             activated += state.activated
             if state.activated or memory_id in heats.get(cube_id, {}):
                 tracked.setdefault(cube_id, {})[memory_id] = state
+        for cube_id, cube_heats in heats.items():  # hot memories in the state their ADD made
+            known = tracked.setdefault(cube_id, {})
+            for memory_id in cube_heats.keys() - known.keys():
+                known[memory_id] = FRESH
         self.counters["scheduler_activated"] = activated
         self.counters["scheduler_cubes"] = len(set(heats) | set(tracked))
         now = datetime.fromtimestamp(now_s, UTC)
@@ -278,9 +294,7 @@ class Scheduler:
                 continue
             self._decided_at[cube_id] = monotonic_s
             known = tracked.get(cube_id, {})
-            # Heat of a memory memory-ops has not shown yet is kept for when it does.
-            cube_heats = {m: h for m, h in heats.get(cube_id, {}).items() if m in known}
-            for decision in decide(policy, now_ms, cube_heats, known):
+            for decision in decide(policy, now_ms, heats.get(cube_id, {}), known):
                 command = decision_command(cube_id, decision, self.issued_by, now)
                 key = memory_key(cube_id, decision.memory_id)
                 sent = self._sent.get(key)
