@@ -1,7 +1,8 @@
 """Ingest and search through the real pipeline, next to its ceilings and to mem0.
 
 Starts a worker (`memstream serve`) on fresh topics against the running Kafka and MinIO,
-publishes N LoCoMo turns spread over cubes as fast as the producer goes, and measures:
+publishes N LoCoMo turns spread over cubes as fast as the producer goes, and measures (after a
+warm-up of the broker's JIT through throwaway workers, :data:`WARM_UP`):
 
 - ingest throughput: interactions per second from the first publish until every op is in the
   views (Milvus, ClickHouse);
@@ -114,11 +115,64 @@ def statuses(workers: list[ServeProcess]) -> list[dict[str, Any]]:
 CEILING_RUNS = 3
 
 
+def ingest(workers: list[ServeProcess], interactions: list[Interaction],
+           console: Console) -> tuple[float, float]:  # fmt: skip
+    """Publish the interactions and wait until every one is in the views: (publish s, total s)."""
+    n = len(interactions)
+    client = workers[0].client
+    started = time.perf_counter()
+    with EventProducer(workers[0].settings) as producer, Progress(console=console) as progress:
+        task = progress.add_task("publishing", total=n)
+        for start in range(0, n, 1000):
+            producer.publish_interactions(interactions[start : start + 1000])
+            progress.advance(task, min(1000, n - start))
+    published = time.perf_counter() - started
+    with Progress(console=console) as progress:
+        task = progress.add_task("ingesting", total=n)
+        # Progress from the counters alone; the lag (broker requests: a cost to the pipeline
+        # being measured) is asked only once the reader has counted every interaction.
+        while True:
+            now = statuses(workers)
+            read = reader_counters(now)["interactions"]
+            progress.update(task, completed=read)
+            status = client.status() if read >= n else now[0]
+            if status["failure"]:
+                raise RuntimeError(status["failure"])
+            if read >= n and status["caught_up"] and not any(status["lag"].values()):
+                break
+            time.sleep(0.2)
+    return published, time.perf_counter() - started
+
+
+#: Interactions ingested by throwaway workers before the measured run. The broker is a JVM: on
+#: a fresh one, the first minutes of transactions and fetches run partly interpreted while its
+#: JIT compiles them (C2 took up to 2.9 CPU-s of a 3,000-turn ingest on 2 cores), and the first
+#: run after ``memstream infra up`` measured 0.70 of the ceiling where the next ones measured
+#: 0.82-0.84. The warm-up makes the number the pipeline's, not the broker's JIT's.
+WARM_UP = 600
+
+
+def warm_up(base: Settings, readers: int, split: bool, console: Console) -> float:
+    """Run :data:`WARM_UP` interactions through workers of the measured layout, then discard
+    them (own topics, own data dir); returns how long it took."""
+    data = Path(tempfile.mkdtemp(prefix="memstream-bench-warm-"))
+    console.print(f"warming up the broker with {WARM_UP} interactions (not measured)...")
+    started = time.perf_counter()
+    workers = start_workers(base, data, readers, split)
+    try:
+        ingest(workers, workload(WARM_UP, 5), console)
+    finally:
+        for w in workers:
+            w.discard()
+    return time.perf_counter() - started
+
+
 def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300,
         peers: tuple[str, ...] = ("mem0",), readers: int = 1,
         split: bool = False) -> dict[str, Any]:  # fmt: skip
     console = Console()
     base = Settings()
+    warm_up_s = warm_up(base, readers, split, console)
     data = Path(tempfile.mkdtemp(prefix="memstream-bench-"))
     workers = start_workers(base, data, readers, split)
     layout = "all" if len(workers) == 1 else f"views + {len(workers) - 1} reader(s)"
@@ -126,28 +180,7 @@ def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300,
     client = worker.client
     try:
         interactions = workload(n, cubes)
-        started = time.perf_counter()
-        with EventProducer(worker.settings) as producer, Progress(console=console) as progress:
-            task = progress.add_task("publishing", total=n)
-            for start in range(0, n, 1000):
-                producer.publish_interactions(interactions[start : start + 1000])
-                progress.advance(task, min(1000, n - start))
-        published = time.perf_counter() - started
-        with Progress(console=console) as progress:
-            task = progress.add_task("ingesting", total=n)
-            # Progress from the counters alone; the lag (broker requests: a cost to the pipeline
-            # being measured) is asked only once the reader has counted every interaction.
-            while True:
-                now = statuses(workers)
-                read = reader_counters(now)["interactions"]
-                progress.update(task, completed=read)
-                status = client.status() if read >= n else now[0]
-                if status["failure"]:
-                    raise RuntimeError(status["failure"])
-                if read >= n and status["caught_up"] and not any(status["lag"].values()):
-                    break
-                time.sleep(0.2)
-        ingest_s = time.perf_counter() - started
+        published, ingest_s = ingest(workers, interactions, console)
         counters = reader_counters(statuses(workers))
         # The texts the reader embedded (replies carry their question): the ceiling's input.
         memory_texts = [m["text"] for c in sorted({i.cube_id for i in interactions})
@@ -200,6 +233,7 @@ def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300,
             "reader_processes": readers,
             "layout": layout,
             "cubes": len(cube_ids),
+            "warm_up": {"interactions": WARM_UP, "seconds": round(warm_up_s, 1)},
             "memstream": {
                 "memories_in_view": memory_count,
                 "ops": counters["ops_emitted"],
