@@ -233,7 +233,7 @@ class Scheduler:
         if op is None:
             return
         key = memory_key(op["cube_id"], op["memory_id"])
-        value = self.memories.get(key) or {}
+        value = self.memories[key]  # a missing key reads as {} (the default), unstored
         state = track(Tracked.from_dict(value), op)
         if state.version != value.get("version"):
             if value or state != FRESH:
