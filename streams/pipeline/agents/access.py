@@ -39,6 +39,7 @@ from streams.pipeline.agents.runner import (
     BATCH_S,
     FaustProcessor,
     acked_only_if_done,
+    owned_partitions,
     writing_for,
 )
 from streams.pipeline.agents.tables import HEAT_BUCKET_S, HEAT_HORIZON_S, heat_table, totals_table
@@ -305,9 +306,7 @@ class AccessStats:
         self.view.load_heat((key, start, value) for (key, (start, _end)), value in heat.items())
 
     async def _on_recovered(self) -> None:
-        topic = self.topic.get_topic_name()
-        owned = {tp.partition for tp in self._app.consumer.assignment() if tp.topic == topic}
-        self.reload(owned, time.time())
+        self.reload(owned_partitions(self._app, self.topic.get_topic_name()), time.time())
 
 
 def _counted(value: dict[str, Any], partition: int, offset: int) -> bool:

@@ -80,6 +80,17 @@ def acked_only_if_done(events: Sequence[EventT]) -> Iterator[None]:
         raise
 
 
+def owned_partitions(app: faust.App, topic: str) -> set[int]:
+    """The partitions of ``topic`` that ``app`` owns as of its latest rebalance.
+
+    From the assignor's record of the assignment, the one the tables' recovery works from, not
+    from ``app.consumer.assignment()``: the consumer's view lives in its own thread and reads
+    empty while that thread joins a new generation, so a recovery callback that asked it could
+    drop every key from the tables just as they were recovered.
+    """
+    return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic}
+
+
 class FaustAppFailed(RuntimeError):
     """The Faust app crashed or stopped by itself; the host restarts the processor."""
 

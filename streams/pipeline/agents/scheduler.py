@@ -63,6 +63,7 @@ from streams.pipeline.agents.runner import (
     FaustAppFailed,
     FaustProcessor,
     acked_only_if_done,
+    owned_partitions,
     writing_for,
 )
 from streams.pipeline.agents.topics import memory_ops_topic, queries_topic
@@ -255,8 +256,7 @@ class Scheduler:
             self.failure = exc
 
     def owned(self) -> set[int]:
-        topic = self.queries.get_topic_name()
-        return {tp.partition for tp in self._app.consumer.assignment() if tp.topic == topic}
+        return owned_partitions(self._app, self.queries.get_topic_name())
 
     def decide_due(self, now_s: float, monotonic_s: float) -> list[tuple[str, dict[str, Any]]]:
         """The commands of every owned cube whose interval has passed (none before recovery).
