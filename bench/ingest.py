@@ -30,6 +30,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import Progress
 
+from bench.cpu import CpuMeter
 from bench.report import latency_summary, percentiles, timing_split, write
 from streams.pipeline.build import embedder_for
 from streams.sdk import locomo
@@ -180,7 +181,10 @@ def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300,
     client = worker.client
     try:
         interactions = workload(n, cubes)
+        meter = CpuMeter({f"{w.settings.role} {w.settings.worker_id}": w.proc.pid
+                          for w in workers if w.proc is not None}).start()  # fmt: skip
         published, ingest_s = ingest(workers, interactions, console)
+        ingest_cpu = meter.stop()
         counters = reader_counters(statuses(workers))
         # The texts the reader embedded (replies carry their question): the ceiling's input.
         memory_texts = [m["text"] for c in sorted({i.cube_id for i in interactions})
@@ -247,6 +251,7 @@ def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300,
                     **timing_split(timings),
                 },
             },
+            "ingest_cpu": ingest_cpu,
             "ceiling_kafka": kafka,
             "ceiling_embedder": {
                 "embedder": embedder.model_id,

@@ -8,7 +8,8 @@ the prefill once, stores the cache as safetensors in MinIO, content-addressed, *
 that names it exists (claim-check), then sends a CREATE command for a new ACTIVATION memory
 that supersedes the old one, and archives the old one: a cube has one active cache, and going
 back to an earlier set restores that set's memory. A cube with no activated memories left has
-its cache archived.
+its cache archived. A build waits while the process serves searches or chat turns
+(:mod:`streams.runtime.foreground`), for at most :data:`DEFER_MAX_S`.
 
 A cache is never changed in place: a new set is a new object and a new memory. When chat finds
 the stored object refused on load (a changed byte, a truncated object), it calls
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +42,7 @@ from processors.prompt import memory_prefix, prefix_memories
 from schemas import Codec
 from sinks.blobs import BlobCorrupted, BlobMissing, BlobStore
 from streams.pipeline.views import ViewsProcessor
+from streams.runtime.foreground import Foreground
 from streams.runtime.processor import Processor
 from streams.settings import Settings
 from streams.transport.events import utcnow
@@ -47,6 +50,11 @@ from streams.transport.producer import EventProducer
 from streams.transport.topics import COMMANDS
 
 log = logging.getLogger("memstream.activation")
+
+#: A cache build waits until no search or chat turn was served for this long...
+QUIET_S = 0.5
+#: ...but never longer than this (under a steady load, a build runs anyway, at ``nice`` 10).
+DEFER_MAX_S = 15.0
 
 
 class ActivationProcessor(Processor):
@@ -66,8 +74,10 @@ class ActivationProcessor(Processor):
         blobs: BlobStore,
         codec: Codec | None = None,
         every_s: float = 2.0,
+        foreground: Foreground | None = None,
     ) -> None:
         self.settings = settings
+        self.foreground = foreground or Foreground()
         self.views = views
         self.lm = lm
         self.blobs = blobs
@@ -80,8 +90,10 @@ class ActivationProcessor(Processor):
         self._suspect: set[str] = set()
         self._wake = threading.Event()
         self._lock = threading.Lock()
+        self._deferred_since: float | None = None
+        self._lm_loaded = False
         self.counters = {"caches_built": 0, "caches_repaired": 0, "caches_archived": 0,
-                         "cache_tokens": 0, "cache_bytes": 0}  # fmt: skip
+                         "cache_tokens": 0, "cache_bytes": 0, "builds_deferred": 0}  # fmt: skip
 
     def open(self) -> None:
         self._producer = EventProducer(self.settings, self.codec)
@@ -104,7 +116,7 @@ class ActivationProcessor(Processor):
         self._wake.set()
 
     def step(self) -> None:
-        self._wake.wait(self.every_s)
+        self._wake.wait(self.every_s if self._deferred_since is None else QUIET_S)
         self._wake.clear()
         views = self.views()
         if views is None:
@@ -129,7 +141,10 @@ class ActivationProcessor(Processor):
             elif current is None:
                 self._asked.pop(cube_id, None)
             return
+        if not self._lm_loaded and self._defer():
+            return  # loading the LM (seconds of CPU, once) is the first build's first cost
         lm = self.lm()
+        self._lm_loaded = True
         hook, adapter_sha = self._adapter(memories, cube_id, lm)
         have = None
         if current is not None:
@@ -139,6 +154,8 @@ class ActivationProcessor(Processor):
             return
         if not suspect and self._asked.get(cube_id) == wanted:
             return  # asked already: the writer's op is on its way
+        if self._defer():
+            return  # the next pass asks again
         prefix = memory_prefix(lm, [m.text for m in hot])
         damaged = suspect and current is not None and have == (wanted, adapter_sha)
         if damaged and self._intact(lm, current, prefix, adapter_sha):
@@ -179,6 +196,21 @@ class ActivationProcessor(Processor):
         self.counters["cache_bytes"] += len(data)
         log.info("activation: cube %s cache of %d memories, %d tokens, %d bytes", cube_id,
                  len(wanted), tokens, len(data))  # fmt: skip
+
+    def _defer(self) -> bool:
+        """Whether a build should wait for the requests being served (see
+        :mod:`streams.runtime.foreground`); never for more than :data:`DEFER_MAX_S`."""
+        now = time.monotonic()
+        if self.foreground.idle_s() >= QUIET_S:
+            self._deferred_since = None
+            return False
+        if self._deferred_since is None:
+            self._deferred_since = now
+        if now - self._deferred_since >= DEFER_MAX_S:
+            self._deferred_since = None  # overdue: this build runs, the next may wait again
+            return False
+        self.counters["builds_deferred"] += 1
+        return True
 
     def _adapter(
         self, memories: list[Memory], cube_id: str, lm: LocalLM

@@ -48,6 +48,7 @@ from processors.prompt import prefix_memories as activated_prefix
 from streams.pipeline.roles import Runtime
 from streams.pipeline.views import ViewsProcessor
 from streams.query.search import Result, Searcher
+from streams.runtime.foreground import Foreground
 from streams.settings import Settings
 from streams.transport.events import Interaction, utcnow
 from streams.transport.producer import EventProducer
@@ -377,9 +378,12 @@ class ChatService:
         producer: EventProducer,
         context: MemoryContext,
         lm_loader: Callable[[], LocalLM] | None = None,
+        foreground: Foreground | None = None,
     ) -> None:
         self.settings = settings
         self.searcher = searcher
+        #: Touched while a turn runs: background LM work (KV-cache builds) waits for a pause.
+        self.foreground = foreground or Foreground()
         self.producer = producer
         self.context = context
         self._lm_loader = lm_loader or self._default_loader
@@ -472,6 +476,7 @@ class ChatService:
             raise ChatError(str(exc)) from exc
         request = replace(request, messages=messages)
         started = time.perf_counter()
+        self.foreground.touch()
         result = ChatResult(f"chatcmpl-{uuid.uuid4().hex[:24]}", request.cube_id, self.model_name)
         found, retrieve_ms = await asyncio.to_thread(self.retrieve, request)
         result.timings_ms["retrieve_ms"] = retrieve_ms
@@ -486,6 +491,7 @@ class ChatService:
         source = self._remote_turn if self.proxy else self._local_turn
         try:
             async for piece in source(request, result, turn.found):
+                self.foreground.touch()
                 yield piece
         except Exception:
             self.counters["failed"] += 1
@@ -715,7 +721,8 @@ def chat_service(runtime: Runtime, producer: EventProducer) -> ChatService:
         return runtime.stores.searcher
 
     loader = getattr(runtime, "lm", None)  # the process's LM, shared with activation memory
-    return ChatService(runtime.settings, searcher, producer, FoldMemoryContext(runtime), loader)
+    return ChatService(runtime.settings, searcher, producer, FoldMemoryContext(runtime), loader,
+                       foreground=runtime.foreground)  # fmt: skip
 
 
 __all__ = ["SYSTEM", "ChatError", "ChatRequest", "ChatResult", "ChatService", "FoldMemoryContext",

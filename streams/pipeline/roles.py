@@ -36,6 +36,7 @@ from streams.pipeline.parameter import AdapterRecorder, adapters_in, parameter_p
 from streams.pipeline.reader import ReaderProcessor
 from streams.pipeline.replay import GenerationWatcher, Replay
 from streams.pipeline.views import ViewsProcessor
+from streams.runtime.foreground import Foreground
 from streams.runtime.generations import Generation, GenerationStore
 from streams.runtime.host import Factory, Host
 from streams.runtime.snapshots import SnapshotStore
@@ -86,6 +87,8 @@ class Runtime:
     generations: GenerationStore | None = None
     codec: Codec = field(default_factory=Codec)
     extractor: Extractor | None = None
+    #: When the API last served a search or a chat turn: background LM work waits for a pause.
+    foreground: Foreground = field(default_factory=Foreground)
     replay: Replay = field(init=False)
 
     def __post_init__(self) -> None:
@@ -175,7 +178,7 @@ def build_runtime(
     if "activation" in names and settings.activation_memory:
         factories["activation"] = lambda: ActivationProcessor(
             settings, runtime.views_processor, runtime.lm, BlobStore.from_settings(settings),
-            runtime.codec,
+            runtime.codec, foreground=runtime.foreground,
         )  # fmt: skip
     if "parameter" in names and settings.parameter_memory:
         factories["parameter"] = lambda: parameter_processor(

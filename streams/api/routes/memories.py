@@ -8,19 +8,21 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Query
+import orjson
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from sinks.milvus import row_fields
 from streams.api.deps import Service, service
-from streams.query.search import build_filter
+from streams.query.search import Result, build_filter
 from streams.query.time_travel import PastView, Point, parse_point
 from streams.transport.events import Interaction, Role, utcnow
 from streams.transport.producer import ContentTooLarge
 from streams.transport.topics import QUERIES
 
 router = APIRouter(tags=["memories"])
+JSON = "application/json"
 ServiceDep = Annotated[Service, Depends(service)]
 
 
@@ -142,15 +144,33 @@ async def search(
     include_history: bool = False,
     actor: str = "api",
     as_of: AsOf = None,
-) -> SearchResponse:
+) -> Response:
     """Hybrid search (dense + BM25, fused by RRF); queues a QueryEvent on the API's publishing
     thread (the statistics it feeds are not the caller's wait). With ``as_of``: over the cube's
     memories as they were then (folded from the log)."""
+    with svc.runtime.foreground.serving():  # a KV-cache build waits (runtime/foreground.py)
+        return await _search(svc, cube_id, q, top_k, since, until, tags, include_history,
+                             actor, as_of)  # fmt: skip
+
+
+async def _search(
+    svc: Service,
+    cube_id: str,
+    q: str,
+    top_k: int,
+    since: datetime | None,
+    until: datetime | None,
+    tags: list[str] | None,
+    include_history: bool,
+    actor: str,
+    as_of: str | None,
+) -> Response:
+    """The search itself (see :func:`search`)."""
     searcher = svc.stores().searcher
     started = time.perf_counter()
     past = await _past(svc, cube_id, as_of) if as_of else None
 
-    def run() -> tuple[list[Any], dict[str, float]]:
+    def run() -> tuple[list[Result], dict[str, float]]:
         found = searcher.search(cube_id, q, top_k, since, until, tags, include_history,
                                 memories=past.memories if past else None)  # fmt: skip
         return found, searcher.last_timing  # same thread: this search's timing
@@ -174,27 +194,36 @@ async def search(
             "latency_ms": latency,
         },
     )
-    hits = [
-        SearchHit(
-            memory_id=r.memory_id,
-            score=round(r.score, 4),
-            text=r.text,
-            cosine=round(r.cosine, 4),
-            keyword=round(r.keyword, 3),
-            dense_rank=r.dense_rank,
-            keyword_rank=r.keyword_rank,
-            **{k: r.row[k] for k in ("version", "valid_from", "valid_to", "session_id",
-                                      "turn_id", "source_event_id")},
-            tags=list(r.row.get("tags") or []),
-        )
-        for r in results
-    ]  # fmt: skip
-    return SearchResponse(
-        query_id=query_id,
-        hits=hits,
-        timing_ms={**timing, "total_ms": latency},
-        as_of=past.offsets if past else None,
-    )
+    body = {
+        "query_id": query_id,
+        "hits": [_hit(r) for r in results],
+        "timing_ms": {**timing, "total_ms": latency},
+        "as_of": past.offsets if past else None,
+    }
+    # Serialized here, once: returning the models would have FastAPI validate and serialize
+    # them again (their schema is still the documented response, see ``response_model``).
+    return Response(orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS), media_type=JSON)
+
+
+def _hit(r: Result) -> dict[str, Any]:
+    """A result as the API shows it: :class:`SearchHit`'s fields, scores rounded for reading."""
+    row = r.row
+    return {
+        "memory_id": r.memory_id,
+        "score": round(float(r.score), 4),
+        "text": r.text,
+        "cosine": round(float(r.cosine), 4),
+        "keyword": round(float(r.keyword), 3),
+        "dense_rank": r.dense_rank,
+        "keyword_rank": r.keyword_rank,
+        "version": int(row["version"]),
+        "tags": list(row.get("tags") or []),
+        "valid_from": int(row["valid_from"]),
+        "valid_to": int(row["valid_to"]),
+        "session_id": row["session_id"],
+        "turn_id": row["turn_id"],
+        "source_event_id": row["source_event_id"],
+    }
 
 
 @router.get("/v1/memories/{memory_id}")
