@@ -149,60 +149,43 @@ async def search(
     thread (the statistics it feeds are not the caller's wait). With ``as_of``: over the cube's
     memories as they were then (folded from the log)."""
     with svc.runtime.foreground.serving():  # a KV-cache build waits (runtime/foreground.py)
-        return await _search(svc, cube_id, q, top_k, since, until, tags, include_history,
-                             actor, as_of)  # fmt: skip
+        searcher = svc.stores().searcher
+        started = time.perf_counter()
+        past = await _past(svc, cube_id, as_of) if as_of else None
 
+        def run() -> tuple[list[Result], dict[str, float]]:
+            found = searcher.search(cube_id, q, top_k, since, until, tags, include_history,
+                                    memories=past.memories if past else None)  # fmt: skip
+            return found, searcher.last_timing  # same thread: this search's timing
 
-async def _search(
-    svc: Service,
-    cube_id: str,
-    q: str,
-    top_k: int,
-    since: datetime | None,
-    until: datetime | None,
-    tags: list[str] | None,
-    include_history: bool,
-    actor: str,
-    as_of: str | None,
-) -> Response:
-    """The search itself (see :func:`search`)."""
-    searcher = svc.stores().searcher
-    started = time.perf_counter()
-    past = await _past(svc, cube_id, as_of) if as_of else None
-
-    def run() -> tuple[list[Result], dict[str, float]]:
-        found = searcher.search(cube_id, q, top_k, since, until, tags, include_history,
-                                memories=past.memories if past else None)  # fmt: skip
-        return found, searcher.last_timing  # same thread: this search's timing
-
-    results, timing = await run_in_threadpool(run)
-    latency = (time.perf_counter() - started) * 1e3
-    query_id = str(uuid.uuid4())
-    settings = svc.runtime.settings
-    svc.events.publish(
-        settings.topic(QUERIES.name),
-        cube_id,
-        QUERIES.record,
-        {
-            "event_id": query_id,
-            "cube_id": cube_id,
-            "actor": actor,
-            "query": q,
-            "top_k": top_k,
-            "event_time": utcnow(),
-            "results": [{"memory_id": r.memory_id, "score": r.score} for r in results],
-            "latency_ms": latency,
-        },
-    )
-    body = {
-        "query_id": query_id,
-        "hits": [_hit(r) for r in results],
-        "timing_ms": {**timing, "total_ms": latency},
-        "as_of": past.offsets if past else None,
-    }
-    # Serialized here, once: returning the models would have FastAPI validate and serialize
-    # them again (their schema is still the documented response, see ``response_model``).
-    return Response(orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS), media_type=JSON)
+        results, timing = await run_in_threadpool(run)
+        latency = (time.perf_counter() - started) * 1e3
+        query_id = str(uuid.uuid4())
+        settings = svc.runtime.settings
+        svc.events.publish(
+            settings.topic(QUERIES.name),
+            cube_id,
+            QUERIES.record,
+            {
+                "event_id": query_id,
+                "cube_id": cube_id,
+                "actor": actor,
+                "query": q,
+                "top_k": top_k,
+                "event_time": utcnow(),
+                "results": [{"memory_id": r.memory_id, "score": r.score} for r in results],
+                "latency_ms": latency,
+            },
+        )
+        body = {
+            "query_id": query_id,
+            "hits": [_hit(r) for r in results],
+            "timing_ms": {**timing, "total_ms": latency},
+            "as_of": past.offsets if past else None,
+        }
+        # Serialized here, once: returning the models would have FastAPI validate and serialize
+        # them again (their schema is still the documented response, see ``response_model``).
+        return Response(orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS), media_type=JSON)
 
 
 def _hit(r: Result) -> dict[str, Any]:
