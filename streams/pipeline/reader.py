@@ -10,6 +10,14 @@ command results and consumer offsets are one Kafka transaction: after a crash ei
 are in the log or none is. A transaction that fails (the group moved on: this worker was fenced)
 fails the processor; the host restarts it with a fold rebuilt from the log.
 
+A batch's transaction commits in a thread of its own while the next batch is read, extracted and
+embedded: the commit is mostly waiting on the broker (the ops' acks, the offsets, the markers),
+time in which the cores would otherwise idle. Transactions still commit one at a time, in
+order: a batch's transaction begins only once the one before it committed, and a failed commit
+fails the processor before the next batch is published (the batch computed meanwhile, folded on
+top of the failed one, is thrown away with the fold). A revocation waits for the commit in
+flight, so a partition is handed over with its last batch committed.
+
 Each instance writes one ops generation (:mod:`streams.runtime.generations`): its own group,
 transactional id, memory ids and fold. ``memstream replay --reextract`` runs a second one, for
 the next generation, from offset 0 of ``interactions`` beside the live one.
@@ -21,6 +29,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from confluent_kafka import Message, TopicPartition
@@ -107,6 +116,10 @@ class ReaderProcessor(Processor):
         self.owned: set[int] = set()
         self._revoked: set[int] = set()
         self._assigned_once = False
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="reader-commit")
+        self._commit: Future[None] | None = None  # the transaction in flight
+        #: Seconds the writer's thread spent polling and waiting for the previous commit.
+        self.seconds = {"poll": 0.0, "commit_wait": 0.0}
         self.counters = {"interactions": 0, "commands": 0, "ops_emitted": 0,
                          "commands_rejected": 0, "catch_up_ops": 0, "catch_up_s": 0.0,
                          "poison_ops": 0}  # fmt: skip
@@ -148,6 +161,9 @@ class ReaderProcessor(Processor):
         )
 
     def close(self) -> None:
+        if self._commit is not None:
+            wait([self._commit])  # its outcome no longer matters: the next owner reads the log
+        self._committer.shutdown()
         for closer in (getattr(self, "_consumer", None), getattr(self, "_transactions", None),
                        getattr(self, "_dlq", None)):  # fmt: skip
             if closer is not None:
@@ -162,11 +178,14 @@ class ReaderProcessor(Processor):
             extra["llm_fallbacks"] = self.extractor.fallbacks  # not extract (rules instead)
         return {**self.counters, **extra, "partitions": sorted(self.owned),
                 "memories": len(self.memories), "ops_generation": self.generation.ops,
-                "reader_version": self.reader.version}  # fmt: skip
+                "reader_version": self.reader.version,
+                "time_s": {k: round(v, 2) for k, v in {**self.seconds,
+                                                       **self.reader.seconds}.items()}}  # fmt: skip
 
     # partitions --------------------------------------------------------------------------------
 
     def _assigned(self, partitions: list[TopicPartition]) -> None:
+        self._settle()
         now = {tp.partition for tp in partitions}
         # Eager rebalancing revokes everything first; what comes back unchanged keeps its fold
         # (no other member can have owned it in between), the rest is forgotten.
@@ -180,11 +199,13 @@ class ReaderProcessor(Processor):
         self._assigned_once = True
 
     def _revoked_cb(self, partitions: list[TopicPartition]) -> None:
+        self._settle()
         revoked = {tp.partition for tp in partitions}
         self._revoked |= revoked & self.owned
         self.owned -= revoked
 
     def _lost(self, partitions: list[TopicPartition]) -> None:
+        self._settle()
         lost = {tp.partition for tp in partitions}
         self._forget(lost)
         self.owned -= lost
@@ -222,8 +243,12 @@ class ReaderProcessor(Processor):
     # the writer --------------------------------------------------------------------------------
 
     def step(self) -> None:
+        if self._commit is not None and self._commit.done():
+            self._committed()  # a failed commit fails the processor here, not one batch later
+        began = time.perf_counter()
         batch = self._consumer.poll_batch(self.settings.reader_batch, 0.2)
         offsets = self._consumer.take_offsets()
+        self.seconds["poll"] += time.perf_counter() - began
         if not offsets:
             return
         # A partition revoked during the poll is not ours to write for any more.
@@ -243,7 +268,28 @@ class ReaderProcessor(Processor):
                 self.counters["ops_emitted"] += len(ops)
         if not offsets:
             return
-        self._transactions.publish_transaction(items, offsets, self._consumer.group_metadata())
+        metadata = self._consumer.group_metadata()  # of this batch's generation, taken now
+        self._committed()
+        self._commit = self._committer.submit(
+            self._transactions.publish_transaction, items, offsets, metadata
+        )
+
+    def _committed(self) -> None:
+        """Wait for the transaction in flight; raises what made it fail."""
+        if self._commit is None:
+            return
+        began = time.perf_counter()
+        try:
+            self._commit.result()
+        finally:
+            self._commit = None
+            self.seconds["commit_wait"] += time.perf_counter() - began
+
+    def _settle(self) -> None:
+        """In a rebalance callback: let the commit in flight finish (its failure, if any, is
+        raised by the next step: a callback must not raise into the consumer's poll)."""
+        if self._commit is not None:
+            wait([self._commit])
 
     def _command(self, event: Event) -> list[tuple[str, str, str, dict[str, Any]]]:
         command = event.value

@@ -15,9 +15,10 @@ first.
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -129,6 +130,28 @@ class _Cube:
         self.rows.pop(memory_id, None)
         self.vectors.pop(memory_id, None)
 
+    def restated(self, row: dict[str, Any], vector: np.ndarray) -> bool:
+        """Whether ``row`` is a new state of a resident memory whose searchable content (text,
+        tags, validity, vector) is unchanged: a version bump, an ACTIVATE or DEACTIVATE. Such a
+        change needs no new matrix or BM25 index, only the row a hit shows."""
+        old = self.rows.get(row["memory_id"])
+        if old is None or any(old[k] != row[k] for k in ("text", "tags", "valid_from", "valid_to")):
+            return False
+        unit = _unit(np.asarray(vector, dtype=np.float32))
+        return bool(np.array_equal(self.vectors[row["memory_id"]], unit))
+
+    def restate(self, rows: dict[str, dict[str, Any]]) -> None:
+        """Patch the built snapshot with restated rows (see :meth:`restated`, already in
+        ``self.rows``): it becomes a copy of itself with those rows replaced, so the next search
+        does not rebuild the cube's index (the scheduler's decisions would otherwise rebuild a
+        hot cube after every interval)."""
+        if self.snapshot is None or not rows:
+            return
+        shown = list(self.snapshot.rows)
+        for memory_id, row in rows.items():
+            shown[bisect_left(self.snapshot.ids, memory_id)] = row
+        self.snapshot = replace(self.snapshot, rows=shown)
+
 
 def _build(rows: dict[str, dict[str, Any]], vectors: dict[str, np.ndarray]) -> Snapshot:
     ids = sorted(rows)
@@ -205,12 +228,23 @@ class WorkingSet:
                     if cube_id in self._cold or cube_id in self._loading:
                         continue  # the store has it; a load in flight reads it again
                     cube = self._cubes[cube_id] = _Cube()
+                restated: dict[str, dict[str, Any]] = {}
+                changed = False
                 for m in memories:
-                    if m.searchable:
-                        cube.put(row_fields(m), embedding_vector(m.embedding))
-                    else:
+                    if not m.searchable:
+                        changed |= m.memory_id in cube.rows
                         cube.remove(m.memory_id)
-                cube.snapshot = None
+                        continue
+                    row, vector = row_fields(m), embedding_vector(m.embedding)
+                    if cube.restated(row, vector):
+                        cube.rows[m.memory_id] = restated[m.memory_id] = row
+                    else:
+                        cube.put(row, vector)
+                        changed = True
+                if changed:
+                    cube.snapshot = None
+                else:
+                    cube.restate(restated)
                 cube.version += 1
             self._evict()
 

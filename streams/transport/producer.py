@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from schemas import Codec
 from streams.settings import Settings
 from streams.transport.events import Interaction
 from streams.transport.topics import INTERACTIONS
+
+log = logging.getLogger("memstream.producer")
 
 
 class PublishError(RuntimeError):
@@ -189,7 +192,14 @@ class EventProducer:
         return self.publish_many(topic, INTERACTIONS.record, items)
 
     def close(self, timeout: float = 30.0) -> None:
-        self._producer.flush(timeout)
+        """Deliver what is queued. A producer that hit a fatal error (a transactional one fenced
+        by a newer instance) has nothing it may still deliver: closing it is not an error."""
+        try:
+            self._producer.flush(timeout)
+        except KafkaException as exc:
+            if not exc.args[0].fatal():
+                raise
+            log.info("closing a producer after its fatal error: %s", exc.args[0].str())
 
     def __enter__(self) -> EventProducer:
         return self

@@ -142,6 +142,26 @@ def test_states_that_leave_the_view_leave_search(tmp_path: Path, embedder) -> No
     assert "cube-a-m1" in ranked(searcher, "cube-a", "charity race", include_history=True)
 
 
+def test_a_state_with_the_same_searchable_content_keeps_the_index(tmp_path: Path, embedder) -> None:  # type: ignore[no-untyped-def]
+    """An ACTIVATE (a new version, same text, tags, validity and vector) patches the row a hit
+    shows; it does not rebuild the cube's matrix and BM25 index. New text does."""
+    searcher = Searcher(view(tmp_path), embedder)
+    states = memories(embedder, "cube-a", 8)
+    searcher.apply(states)
+    before, _ = searcher.working_set.snapshot("cube-a")
+    searcher.apply([replace(states[7], version=2, activated=True)])
+    after, _ = searcher.working_set.snapshot("cube-a")
+    assert after is not before and after.bm25 is before.bm25 and after.matrix is before.matrix
+    hit = searcher.search("cube-a", "violin", 1)[0]
+    assert (hit.memory_id, hit.row["version"]) == ("cube-a-m7", 2)
+    assert before.rows[before.ids.index("cube-a-m7")]["version"] == 1  # a search's copy stays
+
+    searcher.apply([replace(states[7], version=3, text="Melanie said: We sold the violin.")])
+    rebuilt, _ = searcher.working_set.snapshot("cube-a")
+    assert rebuilt.bm25 is not after.bm25
+    assert searcher.search("cube-a", "sold", 1)[0].memory_id == "cube-a-m7"
+
+
 def test_eviction_and_writes_during_a_load_lose_nothing(tmp_path: Path, embedder) -> None:  # type: ignore[no-untyped-def]
     sink = view(tmp_path)
     a, b = memories(embedder, "cube-a", 30), memories(embedder, "cube-b", 30)
