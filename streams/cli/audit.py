@@ -18,13 +18,13 @@ from collections.abc import Sequence
 from datetime import date, datetime
 from typing import Any
 
-import httpx
 from rich.console import Console
 from rich.table import Table
 
 from sinks.audit_sql import AuditError, AuditSQL, AuditUnavailable
 from sinks.stores import clickhouse_client
 from streams.sdk.client import MemoryClient
+from streams.sdk.http import APIError, APIUnavailable
 from streams.settings import Settings
 
 FORMATS = ("table", "csv", "json")
@@ -48,14 +48,12 @@ def _through_api(sql: str, url: str) -> list[dict[str, Any]]:
     try:
         with MemoryClient(url) as client:
             return client.audit(sql)
-    except httpx.HTTPStatusError as exc:
-        response = exc.response
-        detail = _detail(response)
-        if response.status_code == 400:
-            raise AuditCommandError(f"refused: {detail}", REFUSED) from None
-        raise AuditCommandError(f"the API at {url} answered {response.status_code}: {detail}",
+    except APIError as exc:
+        if exc.status_code == 400:
+            raise AuditCommandError(f"refused: {exc.detail}", REFUSED) from None
+        raise AuditCommandError(f"the API at {url} answered {exc.status_code}: {exc.detail}",
                                 UNREACHABLE) from None  # fmt: skip
-    except httpx.TransportError as exc:
+    except APIUnavailable as exc:
         raise AuditCommandError(
             f"cannot reach the API at {url} ({exc.__class__.__name__}): start `memstream serve`,"
             " pass --url, or use --direct when no process holds the ClickHouse data",
@@ -80,13 +78,6 @@ def _direct(sql: str, settings: Settings) -> list[dict[str, Any]]:
         raise AuditCommandError(f"refused: {exc.reason}", REFUSED) from None
     finally:
         client.close()
-
-
-def _detail(response: httpx.Response) -> str:
-    try:
-        return str(response.json()["detail"])
-    except (ValueError, KeyError, TypeError):
-        return response.text[:500]
 
 
 def render(rows: list[dict[str, Any]], fmt: str, title: str | None = None) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -57,6 +56,7 @@ def chat(
 ) -> None:
     """Chat with a cube's memory (streamed). Without --message: a REPL."""
     from streams.sdk.chat import ChatFailed, chat_body, chat_events
+    from streams.sdk.http import APIUnavailable, Http
 
     console = Console(highlight=False)
     history: list[dict[str, str]] = []
@@ -81,7 +81,8 @@ def chat(
                 history.extend([{"role": "user", "content": text},
                                 {"role": "assistant", "content": data["answer"]}])  # fmt: skip
 
-    with httpx.Client(base_url=url or Settings().api_url, timeout=600) as http:
+    http = Http(url or Settings().api_url, timeout=600)
+    try:
         try:
             if message is not None:
                 turn(message)
@@ -113,6 +114,8 @@ def chat(
         except ChatFailed as exc:
             console.print(f"[red]{exc}[/red]")
             raise typer.Exit(1) from None
-        except httpx.TransportError as exc:
-            console.print(f"[red]memstream API at {http.base_url} does not answer: {exc}[/red]")
+        except APIUnavailable as exc:
+            console.print(f"[red]{exc}: is `memstream serve` running?[/red]")
             raise typer.Exit(1) from None
+    finally:
+        http.close()

@@ -22,6 +22,7 @@ from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from pydantic import BaseModel, Field
 
 from streams.sdk.client import AsyncMemoryClient
+from streams.sdk.http import APIError
 
 UPDATES_URI = "memstream://cubes/{cube_id}/updates"
 
@@ -40,7 +41,7 @@ def api_errors(error: type[Exception]) -> Iterator[None]:
     """An API failure (down, 404, 422) reaches the model with its reason, not as a crash."""
     try:
         yield
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, APIError) as exc:
         raise error(f"memstream API: {exc}") from exc
 
 

@@ -20,7 +20,6 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from processors.embedder import Embedder
-from processors.extract import own_words
 from processors.fold import Memory
 from sinks.milvus import MilvusSink, epoch_ms, quote
 from streams.query.working_set import Snapshot, WorkingSet, snapshot_of
@@ -172,10 +171,10 @@ def rank(
             fused[row] = fused.get(row, 0.0) + weight / (ranking.rrf_k + n)
     named = {w.lower() for w in _NAME.findall(query)}
     for row in fused:
-        said = own_words(snapshot.rows[row]["text"])
-        if said.speaker and set(said.speaker.lower().split()) <= named:
+        speaker = snapshot.speakers[row]
+        if speaker and speaker <= named:
             fused[row] *= 1 + ranking.speaker
-        if said.asked:
+        if snapshot.asked[row]:
             fused[row] *= ranking.questions
     best_possible = (ranking.dense_weight + 1.0) * (1 + ranking.speaker) / (ranking.rrf_k + 1)
     ordered = _one_per_turn(snapshot, sorted(fused.items(), key=lambda kv: (-kv[1],

@@ -14,6 +14,7 @@ first.
 
 from __future__ import annotations
 
+import re
 import threading
 from bisect import bisect_left
 from collections import OrderedDict
@@ -25,8 +26,10 @@ from typing import Any
 import bm25s
 import numpy as np
 import Stemmer
+from bm25s.stopwords import STOPWORDS_EN
 
 from processors.embedder import DIM
+from processors.extract import own_words
 from processors.fold import Memory
 from processors.ops import embedding_vector
 from sinks.milvus import NO_TIME, epoch_ms, row_fields
@@ -41,6 +44,17 @@ def tokenize(texts: list[str], return_ids: bool = True) -> Any:
                           return_ids=return_ids, show_progress=False)  # fmt: skip
 
 
+_TERM = re.compile(r"(?u)\b\w\w+\b")  # bm25s.tokenize's default token pattern
+_STOPWORDS = frozenset(STOPWORDS_EN)
+
+
+def query_terms(query: str) -> list[str]:
+    """The terms :func:`tokenize` finds in one text, in order, without what it costs per call
+    (three progress bars, a stopword set, vocabulary dicts): a fifth of a search's keyword
+    ranking. ``tests/test_query_terms.py`` holds the two equal."""
+    return STEMMER.stemWords([w for w in _TERM.findall(query.lower()) if w not in _STOPWORDS])
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """An immutable view of one cube: searches read it while the worker prepares the next."""
@@ -51,6 +65,10 @@ class Snapshot:
     valid_from: np.ndarray
     valid_to: np.ndarray
     bm25: bm25s.BM25 | None
+    #: Per row, who said it (the words of the speaker's name, lower case) and whether it only
+    #: asks: what ranking weighs, parsed once per build instead of once per hit per search.
+    speakers: list[frozenset[str]]
+    asked: list[bool]
 
     def mask(
         self,
@@ -90,8 +108,7 @@ class Snapshot:
         """BM25 top-``limit`` among the kept rows, only rows that share a term with the query."""
         if self.bm25 is None:
             return []
-        tokens = tokenize([query], return_ids=False)
-        known = [t for t in tokens[0] if t in self.bm25.vocab_dict]
+        known = [t for t in query_terms(query) if t in self.bm25.vocab_dict]
         if not known:
             return []
         scores = self.bm25.get_scores(known)
@@ -159,6 +176,7 @@ def _build(rows: dict[str, dict[str, Any]], vectors: dict[str, np.ndarray]) -> S
     matrix = np.zeros((len(ids), DIM), dtype=np.float32)
     for n, memory_id in enumerate(ids):
         matrix[n] = vectors[memory_id]
+    turns = [own_words(r["text"]) for r in ordered]
     bm25 = None
     if ordered:
         corpus = [f"{r['text']} {' '.join(r.get('tags') or [])}" for r in ordered]
@@ -171,6 +189,8 @@ def _build(rows: dict[str, dict[str, Any]], vectors: dict[str, np.ndarray]) -> S
         valid_from=np.array([r["valid_from"] for r in ordered], dtype=np.int64),
         valid_to=np.array([r["valid_to"] for r in ordered], dtype=np.int64),
         bm25=bm25,
+        speakers=[frozenset(t.speaker.lower().split()) for t in turns],
+        asked=[t.asked for t in turns],
     )
 
 

@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
+from streams.sdk.http import APIError, Http
 
 
 class ChatFailed(RuntimeError):
@@ -29,38 +29,29 @@ def chat_body(
 
 
 def chat_events(
-    http: httpx.Client, cube_id: str, body: dict[str, Any]
+    http: Http, cube_id: str, body: dict[str, Any]
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """The turn's events as they arrive (``body`` as :func:`chat_body` makes it)."""
-    with http.stream("POST", f"/v1/cubes/{cube_id}/chat", json={**body, "stream": True}) as r:
-        if r.is_error:
-            r.read()
-            raise ChatFailed(f"{r.status_code}: {_reason(r)}")
-        kind = "message"
-        for line in r.iter_lines():
-            if line.startswith("event:"):
-                kind = line.split(":", 1)[1].strip()
-            elif line.startswith("data:"):
-                data = json.loads(line.split(":", 1)[1])
-                if kind == "error":
-                    raise ChatFailed(data.get("detail", str(data)))
-                yield kind, data
-            elif not line:
-                kind = "message"
-
-
-def chat_once(http: httpx.Client, cube_id: str, body: dict[str, Any]) -> dict[str, Any]:
-    """The whole turn as one JSON answer (``stream=false``)."""
-    r = http.post(f"/v1/cubes/{cube_id}/chat", json={**body, "stream": False})
-    if r.is_error:
-        raise ChatFailed(f"{r.status_code}: {_reason(r)}")
-    return r.json()
-
-
-def _reason(response: httpx.Response) -> str:
     try:
-        body = response.json()
-    except ValueError:
-        return response.text[:500]
-    detail = body.get("detail", body) if isinstance(body, dict) else body
-    return detail if isinstance(detail, str) else json.dumps(detail)[:500]
+        with http.lines("POST", f"/v1/cubes/{cube_id}/chat", {**body, "stream": True}) as lines:
+            kind = "message"
+            for line in lines:
+                if line.startswith("event:"):
+                    kind = line.split(":", 1)[1].strip()
+                elif line.startswith("data:"):
+                    data = json.loads(line.split(":", 1)[1])
+                    if kind == "error":
+                        raise ChatFailed(data.get("detail", str(data)))
+                    yield kind, data
+                elif not line:
+                    kind = "message"
+    except APIError as exc:
+        raise ChatFailed(str(exc)) from None
+
+
+def chat_once(http: Http, cube_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The whole turn as one JSON answer (``stream=false``)."""
+    try:
+        return http.json("POST", f"/v1/cubes/{cube_id}/chat", body={**body, "stream": False})
+    except APIError as exc:
+        raise ChatFailed(str(exc)) from None

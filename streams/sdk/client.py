@@ -1,4 +1,8 @@
-"""Python SDK for the HTTP API: :class:`MemoryClient` (sync) and :class:`AsyncMemoryClient`."""
+"""Python SDK for the HTTP API: :class:`MemoryClient` (sync) and :class:`AsyncMemoryClient`.
+
+Both raise :class:`~streams.sdk.http.APIError` for an error answer (its status code and reason);
+the sync client raises :class:`~streams.sdk.http.APIUnavailable` when nothing answers.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from streams.sdk.http import APIError, APIUnavailable, Http, detail_of
 from streams.sdk.subscribe import MemoryUpdate, http_updates
 from streams.settings import Settings
 from streams.transport.events import Interaction
@@ -50,7 +55,7 @@ class MemoryClient:
         settings: Settings | None = None,
     ) -> None:  # fmt: skip
         settings = settings or Settings()
-        self._http = httpx.Client(base_url=base_url or settings.api_url, timeout=timeout)
+        self._http = Http(base_url or settings.api_url, timeout)
         self._producer = EventProducer(settings) if kafka else None
 
     def publish(self, cube_id: str, interactions: Iterable[dict[str, Any]]) -> list[dict]:
@@ -64,43 +69,43 @@ class MemoryClient:
                 for e, d in zip(events, delivered, strict=True)
             ]
         body = [_interaction_json(i) for i in interactions]
-        return self._ok(self._http.post(f"/v1/cubes/{cube_id}/interactions", json=body))
+        return self._http.json("POST", f"/v1/cubes/{cube_id}/interactions", body=body)
 
     def search(self, cube_id: str, q: str, top_k: int = 10, **filters: Any) -> dict[str, Any]:
         """filters: since, until (datetimes), tags (list), include_history (bool), actor,
         as_of (a datetime or a log offset: the cube as it was then)."""
         params = _search_params(q, top_k, **filters)
-        return self._ok(self._http.get(f"/v1/cubes/{cube_id}/search", params=params))
+        return self._http.json("GET", f"/v1/cubes/{cube_id}/search", params)
 
     def memory(self, memory_id: str, as_of: datetime | int | None = None) -> dict[str, Any]:
         params = _as_of(as_of)
-        return self._ok(self._http.get(f"/v1/memories/{memory_id}", params=params))
+        return self._http.json("GET", f"/v1/memories/{memory_id}", params)
 
     def history(self, memory_id: str) -> list[dict[str, Any]]:
-        return self._ok(self._http.get(f"/v1/memories/{memory_id}/history"))
+        return self._http.json("GET", f"/v1/memories/{memory_id}/history")
 
     def memories(
         self, cube_id: str, limit: int = 1000, as_of: datetime | int | None = None
     ) -> list[dict[str, Any]]:
         params = {"limit": limit, **_as_of(as_of)}
-        return self._ok(self._http.get(f"/v1/cubes/{cube_id}/memories", params=params))
+        return self._http.json("GET", f"/v1/cubes/{cube_id}/memories", params)
 
     def replay(self, mode: str, reader: dict[str, Any] | None = None) -> dict[str, Any]:
         """Start building the next view generation: ``rebuild`` (refold the ops) or
         ``reextract`` (rerun the reader, with ``reader`` settings); see :meth:`replay_status`."""
         body = {"mode": mode, "reader": reader or {}}
-        return self._ok(self._http.post("/v1/replay", json=body))
+        return self._http.json("POST", "/v1/replay", body=body)
 
     def replay_status(self) -> dict[str, Any]:
         """The generation pointer (current, next, retired) and the next one's progress."""
-        return self._ok(self._http.get("/v1/replay"))
+        return self._http.json("GET", "/v1/replay")
 
     def audit(self, sql: str) -> list[dict[str, Any]]:
-        return self._ok(self._http.post("/v1/audit", json={"sql": sql}))
+        return self._http.json("POST", "/v1/audit", body={"sql": sql})
 
     def status(self, lag: bool = True) -> dict[str, Any]:
         """``GET /v1/status``; ``lag=False`` skips the group lag (the part that asks Kafka)."""
-        return self._ok(self._http.get("/v1/status", params={"lag": str(lag).lower()}))
+        return self._http.json("GET", "/v1/status", {"lag": str(lag).lower()})
 
     def chat(
         self, cube_id: str, message: str | None = None,
@@ -118,18 +123,18 @@ class MemoryClient:
 
     def access(self, cube_id: str, limit: int = 20) -> list[dict[str, Any]]:
         """The cube's most retrieved memories, hottest first (the access-stats agent)."""
-        return self._ok(self._http.get(f"/v1/cubes/{cube_id}/access", params={"limit": limit}))
+        return self._http.json("GET", f"/v1/cubes/{cube_id}/access", {"limit": limit})
 
     def ready(self) -> bool:
         """``/readyz``: every processor of the process runs and has caught up."""
-        return self._http.get("/readyz").status_code == 200
+        return self._http.status("GET", "/readyz") == 200
 
     def command(self, cube_id: str, memory_id: str, command: str, **fields: Any) -> dict[str, Any]:
         """Ask the writer to ACTIVATE, DEACTIVATE, ARCHIVE, RESTORE, EXPIRE or DELETE a memory
         (fields: reason, issued_by, expected_version, command_id); returns the command id and
         where it sits in the log. The outcome lands in the ``command_results`` audit table."""
         body = {"memory_id": memory_id, "command": command, **fields}
-        return self._ok(self._http.post(f"/v1/cubes/{cube_id}/commands", json=body))
+        return self._http.json("POST", f"/v1/cubes/{cube_id}/commands", body=body)
 
     def command_result(self, command_id: str, timeout: float = 60.0) -> dict[str, Any]:
         """Wait for what the writer did with a command (APPLIED, DUPLICATE or REJECTED)."""
@@ -152,7 +157,7 @@ class MemoryClient:
         while time.monotonic() < deadline:
             try:
                 status = self.status()
-            except httpx.TransportError:
+            except APIUnavailable:
                 time.sleep(0.5)
                 continue
             if status["failure"]:
@@ -185,15 +190,11 @@ class MemoryClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @staticmethod
-    def _ok(response: httpx.Response) -> Any:
-        if response.is_error:
-            raise httpx.HTTPStatusError(
-                f"{response.status_code} {response.text[:500]}",
-                request=response.request,
-                response=response,
-            )
-        return response.json()
+
+def _ok(response: httpx.Response) -> Any:
+    if response.is_error:
+        raise APIError(response.status_code, detail_of(response.content))
+    return response.json()
 
 
 class AsyncMemoryClient:
@@ -205,17 +206,17 @@ class AsyncMemoryClient:
     async def publish(self, cube_id: str, interactions: Iterable[dict[str, Any]]) -> list[dict]:
         body = [_interaction_json(i) for i in interactions]
         response = await self._http.post(f"/v1/cubes/{cube_id}/interactions", json=body)
-        return MemoryClient._ok(response)
+        return _ok(response)
 
     async def search(self, cube_id: str, q: str, top_k: int = 10, **filters: Any) -> dict[str, Any]:
         params = _search_params(q, top_k, **filters)
-        return MemoryClient._ok(await self._http.get(f"/v1/cubes/{cube_id}/search", params=params))
+        return _ok(await self._http.get(f"/v1/cubes/{cube_id}/search", params=params))
 
     async def memory(self, memory_id: str) -> dict[str, Any]:
-        return MemoryClient._ok(await self._http.get(f"/v1/memories/{memory_id}"))
+        return _ok(await self._http.get(f"/v1/memories/{memory_id}"))
 
     async def history(self, memory_id: str) -> list[dict[str, Any]]:
-        return MemoryClient._ok(await self._http.get(f"/v1/memories/{memory_id}/history"))
+        return _ok(await self._http.get(f"/v1/memories/{memory_id}/history"))
 
     def updates(
         self, cube_id: str, last_event_id: str | None = None, since: int | datetime | None = None
@@ -228,7 +229,7 @@ class AsyncMemoryClient:
         """The cube's last ``limit`` updates, oldest first (a snapshot; see :meth:`updates`)."""
         response = await self._http.get(f"/v1/cubes/{cube_id}/updates/recent",
                                         params={"limit": limit})  # fmt: skip
-        return [MemoryUpdate.from_json(u) for u in MemoryClient._ok(response)]
+        return [MemoryUpdate.from_json(u) for u in _ok(response)]
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -11,7 +11,9 @@ import pytest
 
 from schemas import Codec
 from streams.sdk import locomo
+from streams.sdk.chat import ChatFailed
 from streams.sdk.client import MemoryClient
+from streams.sdk.http import APIError, APIUnavailable
 from streams.sdk.local import ServeProcess
 from streams.sdk.subscribe import OpSubscriber
 from streams.settings import Settings
@@ -180,8 +182,27 @@ def test_every_search_is_audited(worker: ServeProcess) -> None:
         time.sleep(0.5)
     assert rows and rows[0]["query"] == "violin"
     assert rows[0]["memory_ids"] == [h["memory_id"] for h in response["hits"]]
-    with pytest.raises(Exception, match="only SELECT"):
+    with pytest.raises(APIError, match="only SELECT") as refused:
         worker.client.audit("DROP TABLE memory_ops")
+    assert refused.value.status_code == 400
+
+
+def test_the_sdk_says_why_a_call_failed(worker: ServeProcess) -> None:
+    """Error answers carry their status and the API's reason; no answer at all is its own
+    error; a refused chat turn is a ChatFailed, streamed or not."""
+    client = worker.client
+    with pytest.raises(APIError) as missing:
+        client.memory("no-such-memory")
+    assert (missing.value.status_code, missing.value.detail) == (404, "no memory no-such-memory")
+    with pytest.raises(APIError) as invalid:
+        client.search("c", "q", top_k=0)
+    assert invalid.value.status_code == 422 and "top_k" in invalid.value.detail
+    with pytest.raises(ChatFailed, match=r"^4\d\d: "):
+        client.chat("c", messages=[])
+    with pytest.raises(ChatFailed, match=r"^4\d\d: "):
+        list(client.chat("c", messages=[], stream=True))
+    with MemoryClient("http://127.0.0.1:9", timeout=2) as nobody, pytest.raises(APIUnavailable):
+        nobody.status()
 
 
 def test_subscriber_gets_each_op_once_even_when_the_log_repeats_it(
