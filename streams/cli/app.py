@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -169,6 +170,7 @@ def serve(
     for noisy in ("grpc._server", "faiss.loader", "bm25s", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
     settings = Settings()
+    sys.setswitchinterval(settings.gil_switch_ms / 1000)
     if role is not None:
         if role not in ROLES:
             raise _fail(f"unknown role {role!r} (known: {', '.join(ROLES)})")
