@@ -161,8 +161,7 @@ class ReaderProcessor(Processor):
         )
 
     def close(self) -> None:
-        if self._commit is not None:
-            wait([self._commit])  # its outcome no longer matters: the next owner reads the log
+        self._settle()  # its outcome no longer matters here: the next owner reads the log
         self._committer.shutdown()
         for closer in (getattr(self, "_consumer", None), getattr(self, "_transactions", None),
                        getattr(self, "_dlq", None)):  # fmt: skip
@@ -286,8 +285,8 @@ class ReaderProcessor(Processor):
             self.seconds["commit_wait"] += time.perf_counter() - began
 
     def _settle(self) -> None:
-        """In a rebalance callback: let the commit in flight finish (its failure, if any, is
-        raised by the next step: a callback must not raise into the consumer's poll)."""
+        """Let the commit in flight finish without raising (in a rebalance callback, which must
+        not raise into the consumer's poll, the next step raises its failure)."""
         if self._commit is not None:
             wait([self._commit])
 

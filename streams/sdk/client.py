@@ -105,7 +105,7 @@ class MemoryClient:
 
     def status(self, lag: bool = True) -> dict[str, Any]:
         """``GET /v1/status``; ``lag=False`` skips the group lag (the part that asks Kafka)."""
-        return self._http.json("GET", "/v1/status", {"lag": str(lag).lower()})
+        return self._http.json("GET", "/v1/status", {"lag": lag})
 
     def chat(
         self, cube_id: str, message: str | None = None,

@@ -2,10 +2,11 @@
 that say why.
 
 Why urllib3 and not httpx (which :class:`~streams.sdk.client.AsyncMemoryClient` uses): a call
-through httpx's sync client costs about 1 ms more of the caller's CPU than through urllib3 (its
-request and response models, built per call), measured against the same local server on this
-project's 2-core VMs. A memory search answers in about 10 ms, and on two cores the client's CPU
-is also taken from the server's.
+through httpx's sync client took 0.6-1.2 ms more than through urllib3 against the same local
+server on a 2-core VM, and a search through the SDK 0.3-0.9 ms more against the same worker
+(its request and response models, built per call; an httpx transport backed by urllib3 saved
+nothing). A memory search answers in about 10 ms, and on two cores the client's CPU is also
+taken from the server's.
 """
 
 from __future__ import annotations
