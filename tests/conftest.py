@@ -59,3 +59,38 @@ def clean_env() -> Iterator[dict[str, str]]:
     for key in [k for k in os.environ if k.startswith("MEMSTREAM_")]:
         del os.environ[key]
     os.environ.update(saved)
+
+
+#: How long the run may wait, once every test has finished, for threads that would keep the
+#: interpreter alive (a Faust consumer thread is never a daemon).
+EXIT_GRACE_S = 60.0
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """End the run with its own exit status even if a non-daemon thread outlives it.
+
+    A Faust app whose stop hangs (seen once: aiokafka's metadata loop kept its loop busy past
+    the stop timeout after the tests had passed) leaves mode's non-daemon consumer thread
+    running, and the interpreter would wait for it forever. The threads are named on stderr.
+    """
+    import sys
+    import threading
+    import time
+
+    deadline = time.monotonic() + EXIT_GRACE_S
+    while time.monotonic() < deadline:
+        left = [t for t in threading.enumerate()
+                if t is not threading.main_thread() and not t.daemon and t.is_alive()]  # fmt: skip
+        if not left:
+            return
+        time.sleep(0.5)
+    names = ", ".join(t.name for t in left)
+    print(f"\nthreads still running {EXIT_GRACE_S:.0f} s after the run: {names}", file=sys.stderr)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(int(getattr(config, "_memstream_exitstatus", 1)))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config._memstream_exitstatus = int(exitstatus)  # type: ignore[attr-defined]
