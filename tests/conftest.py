@@ -70,9 +70,10 @@ EXIT_GRACE_S = 60.0
 def pytest_unconfigure(config: pytest.Config) -> None:
     """End the run with its own exit status even if a non-daemon thread outlives it.
 
-    A Faust app whose stop hangs (seen once: aiokafka's metadata loop kept its loop busy past
-    the stop timeout after the tests had passed) leaves mode's non-daemon consumer thread
-    running, and the interpreter would wait for it forever. The threads are named on stderr.
+    A safety net, not a test: the interpreter waits forever for a non-daemon thread, and mode's
+    threads are never daemons. ``FaustProcessor.close`` ends its app's threads also when the
+    app's stop hangs (tests/integration/test_access_agent.py proves it); a thread that still
+    outlives the run is named on stderr instead of hanging CI.
     """
     import sys
     import threading

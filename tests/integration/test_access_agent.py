@@ -5,6 +5,7 @@ changelogs on restart, no double counting when the source offsets are redelivere
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import time
@@ -13,6 +14,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import faust
 import pytest
 from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import ConfigResource
@@ -82,6 +84,7 @@ class Hosted:
         self._stop.set()
         self._thread.join(60)
         assert not self._thread.is_alive(), "close() did not return"
+        assert not self.agent.threads(), "a Faust thread outlived close()"
         if self.error is not None:
             raise self.error
 
@@ -317,6 +320,33 @@ def test_an_agent_error_fails_the_processor_and_a_fresh_one_counts_that_event_on
     fresh.wait_for(lambda: counts_match(fresh.agent, expected_totals(items)), "the recount")
     time.sleep(1.0)  # nothing more comes: no late double count
     assert_counts(fresh.agent, expected_totals(items))
+    fresh.close()
+
+
+def test_close_ends_the_consumer_thread_even_when_the_apps_stop_hangs(
+    own_settings: Settings, hosted: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop that never returns (seen: aiokafka's metadata loop kept busy past the timeout)
+    is cut off after ``stop_timeout_s``, and the consumer thread, never a daemon, still ends,
+    so the process can exit; a fresh instance then counts every event."""
+    s, run = own_settings, uuid.uuid4().hex[:6]
+    items = queries(run, 6, seed=11)
+    with EventProducer(s) as producer:
+        producer.publish_many(s.topic(QUERIES.name), QUERIES.record, items)
+    stuck = hosted(s)
+    stuck.wait_counted(len(items))
+    assert stuck.agent.threads(), "the app runs a consumer thread"
+
+    async def never_returns(self: faust.App) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(AccessStatsAgent, "stop_timeout_s", 1.0)
+    monkeypatch.setattr(faust.App, "stop", never_returns)
+    stuck.close()  # asserts that close() returned and no thread of the app is alive
+    monkeypatch.undo()
+
+    fresh = hosted(s)
+    fresh.wait_for(lambda: counts_match(fresh.agent, expected_totals(items)), "the recount")
     fresh.close()
 
 

@@ -24,7 +24,7 @@ import threading
 import weakref
 from abc import abstractmethod
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import ClassVar
 
 import faust
@@ -32,6 +32,7 @@ from aiokafka.codec import has_lz4
 from faust.contrib.asgi import bind_to_running_loop
 from faust.streams import _current_event
 from faust.types import EventT
+from mode.threads import WorkerThread
 
 from streams.pipeline.agents.app import create_app
 from streams.runtime.processor import Processor
@@ -110,6 +111,9 @@ class FaustProcessor(Processor):
     step_s: ClassVar[float] = 0.5
     #: How long close waits for the app to stop (commit, flush, leave the group).
     stop_timeout_s: ClassVar[float] = 30.0
+    #: How long close then waits for each of the app's threads to end, first asked to stop,
+    #: then with its loop stopped under it.
+    thread_timeout_s: ClassVar[float] = 10.0
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -183,13 +187,54 @@ class FaustProcessor(Processor):
         except Exception:
             log.exception("%s: the Faust app did not stop cleanly", self.name)
         finally:
+            if app is not None:
+                _end_threads(self.name, app, self.thread_timeout_s)
             _close_loop(loop)
             self._loop = None
+
+    def threads(self) -> list[threading.Thread]:
+        """The app's service threads still alive (Faust's consumer thread): none after
+        :meth:`close`."""
+        return [] if self.app is None else [t for t in _threads_of(self.app) if t.is_alive()]
 
     def ready(self) -> bool:
         """True once the app runs with its partitions assigned and its tables recovered from
         their changelogs (Faust starts the agents only then)."""
         return self._recovered.is_set()
+
+
+def _threads_of(app: faust.App) -> list[WorkerThread]:
+    """mode's service threads (Faust's consumer thread, a threaded producer's) of ``app``."""
+    return [
+        t
+        for t in threading.enumerate()
+        if isinstance(t, WorkerThread) and getattr(t.service, "app", None) is app
+    ]
+
+
+def _end_threads(name: str, app: faust.App, timeout_s: float) -> None:
+    """End every service thread of ``app``, also when its stop timed out or failed half-way.
+
+    mode's threads are never daemons, so one left running keeps the process from exiting. An
+    app whose stop hung (aiokafka's metadata loop kept busy, a commit that never answered)
+    leaves its consumer thread waiting for a stop signal that the cancelled stop never sent.
+    Each thread is first told to stop as the app's stop would have (its loop then stops the
+    consumer and cancels what is left); one that still runs after ``timeout_s`` has its loop
+    stopped under it. Nothing is lost either way: what was not committed is redelivered.
+    """
+    threads = [t for t in _threads_of(app) if t.is_alive()]
+    for thread in threads:
+        with suppress(RuntimeError):  # its loop closed: the thread ended meanwhile
+            thread.service._stopped_set()
+    for thread in threads:
+        thread.join(timeout_s)
+        if thread.is_alive():
+            log.warning("%s: thread %s did not stop; stopping its loop", name, thread.name)
+            with suppress(RuntimeError):
+                thread.service.thread_loop.call_soon_threadsafe(thread.service.thread_loop.stop)
+            thread.join(timeout_s)
+        if thread.is_alive():
+            log.error("%s: thread %s is still running", name, thread.name)
 
 
 def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
