@@ -98,8 +98,9 @@ class CpuMeter:
             groups: Counter[str] = Counter()
             for tid, (group, seconds) in live.items():
                 groups[group] += seconds - before.get(tid, (group, 0.0))[1]
-            # threads that ended within the window (a pool's) took their times with them
-            groups["(threads that ended)"] = processes[worker] - sum(groups.values())
+            # threads that ended within the window took their times with them (the embedder runs
+            # texts in a pool per call: its share is most of this)
+            groups["(ended threads)"] = processes[worker] - sum(groups.values())
             threads[worker] = {g: round(s, 2) for g, s in groups.most_common() if s >= 0.05}
         return {
             "wall_s": round(wall, 2),

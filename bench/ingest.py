@@ -208,6 +208,8 @@ def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300,
         questions = [qa["question"] for s in locomo.load() for qa in s.qa][:queries]
         cube_ids = sorted({i.cube_id for i in interactions})
         search_ms, timings = [], []
+        meter = CpuMeter({f"{w.settings.role} {w.settings.worker_id}": w.proc.pid
+                          for w in workers if w.proc is not None}).start()  # fmt: skip
         t0 = time.perf_counter()
         for q, cube in zip(questions, cycle(cube_ids), strict=False):
             s = time.perf_counter()
@@ -215,6 +217,7 @@ def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300,
             search_ms.append((time.perf_counter() - s) * 1e3)
             timings.append(response["timing_ms"])
         search_wall = time.perf_counter() - t0
+        search_cpu = meter.stop()
 
         # The ceiling is measured with the workers stopped: a worker left running keeps busy
         # after the searches (the scheduler activates hot memories, whose KV caches the local
@@ -252,6 +255,7 @@ def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300,
                 },
             },
             "ingest_cpu": ingest_cpu,
+            "search_cpu": search_cpu,
             "ceiling_kafka": kafka,
             "ceiling_embedder": {
                 "embedder": embedder.model_id,

@@ -158,7 +158,7 @@ async def search(
                                     memories=past.memories if past else None)  # fmt: skip
             return found, searcher.last_timing  # same thread: this search's timing
 
-        results, timing = await run_in_threadpool(run)
+        results, timing = await svc.search(run)
         latency = (time.perf_counter() - started) * 1e3
         query_id = str(uuid.uuid4())
         settings = svc.runtime.settings
