@@ -106,5 +106,5 @@ class CpuMeter:
             "wall_s": round(wall, 2),
             "machine_busy": round(1 - idle / capacity, 3),
             "cpu_s": dict(sorted(processes.items(), key=lambda kv: -kv[1])),
-            "threads_cpu_s": threads,
+            "thread_cpu_s": threads,
         }

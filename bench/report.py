@@ -68,11 +68,13 @@ def write(
     systems = [s for s in side_by_side if s in results]
     rest = {k: v for k, v in results.items() if k not in systems}
     if rest and show:
+        rows = _flatten(rest)
         table = Table(title=f"memstream bench {name}")
         # a metric's name whole on one line; a long value (a model id) is cut, the JSON has it
-        table.add_column("metric", no_wrap=True)
-        table.add_column("value", no_wrap=True, overflow="ellipsis")
-        for key, value in _flatten(rest):
+        width = min(max(len(k) for k, _ in rows), 48)
+        table.add_column("metric", no_wrap=True, min_width=width)
+        table.add_column("value", no_wrap=True, overflow="ellipsis", max_width=80 - 7 - width)
+        for key, value in rows:
             table.add_row(key, _cell(value))
         console.print(table)
     if systems and show:
