@@ -106,6 +106,9 @@ class Host:
         slot.stop.set()
         if slot.thread is not None:
             slot.thread.join(timeout)
+            if slot.thread.is_alive():
+                log.warning("processor %s did not stop within %.0f s; forgotten while it stops",
+                            name, timeout)  # fmt: skip
         with self._lock:
             if self.slots.get(name) is slot:
                 del self.slots[name]

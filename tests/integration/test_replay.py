@@ -77,6 +77,11 @@ def wait(predicate: Any, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def reader_ops_generation(api: TestClient) -> int | None:
+    reader = api.get("/v1/status").json()["processors"].get("reader")
+    return reader["stats"].get("ops_generation") if reader and reader.get("stats") else None
+
+
 def drained(api: TestClient) -> bool:
     status = api.get("/v1/status").json()
     return status["caught_up"] and not any(status["lag"].values())
@@ -268,6 +273,9 @@ def test_reextract_writes_a_new_generation_beside_the_old(
         == 409
     )
     wait(lambda: api.get("/v1/replay").json()["current"]["id"] == 2, 240, "never switched")
+    # The pointer flips first; this process's processors follow it right after (the old
+    # writer stops, the new one takes its name), which on a loaded machine takes a moment.
+    wait(lambda: reader_ops_generation(api) == 1, 60, "the new writer did not take over")
     wait(lambda: drained(api), 60, "not drained after the switch")
 
     ops = ops_by_generation(runtime.settings, cube)
@@ -324,7 +332,7 @@ def test_an_interrupted_rebuild_resumes_and_switches(
     # group's committed offsets remain. The generations processor picks the replay up again.
     runtime.host.remove("views-next")
     assert api.get("/v1/replay").json()["current"]["id"] == target - 1
-    wait(lambda: "views-next" in runtime.host.slots, 30, "the replay was not resumed")
+    wait(lambda: "views-next" in runtime.host.slots, 90, "the replay was not resumed")
     wait(lambda: api.get("/v1/replay").json()["current"]["id"] == target, 180, "never switched")
     wait(lambda: drained(api), 60, "not drained after the switch")
     after = view(runtime, cube)
