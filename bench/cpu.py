@@ -73,6 +73,7 @@ class CpuMeter:
                 processes[label] = processes.get(label, 0.0) + _process_times(child.pid)
         for name, pid in self.services.items():
             processes[name] = _process_times(pid)
+            threads[name] = _thread_times(pid)  # the broker's: JIT compiler, GC or requests
         return {"at": time.perf_counter(), "processes": processes, "threads": threads,
                 "machine": psutil.cpu_times()}  # fmt: skip
 
@@ -98,8 +99,7 @@ class CpuMeter:
             groups: Counter[str] = Counter()
             for tid, (group, seconds) in live.items():
                 groups[group] += seconds - before.get(tid, (group, 0.0))[1]
-            # threads that ended within the window took their times with them (the embedder runs
-            # texts in a pool per call: its share is most of this)
+            # threads that ended within the window took their times with them
             groups["(ended threads)"] = processes[worker] - sum(groups.values())
             threads[worker] = {g: round(s, 2) for g, s in groups.most_common() if s >= 0.05}
         return {

@@ -106,6 +106,13 @@ def reader_counters(statuses: list[dict[str, Any]]) -> dict[str, int]:
     return total
 
 
+def writer_seconds(statuses: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Each writer's seconds so far per stage (a worker counts from its start: the idle polls
+    before an ingest too, so a window's time is the difference of two of these)."""
+    return [s["processors"]["reader"]["stats"]["time_s"] for s in statuses
+            if "reader" in s["processors"]]  # fmt: skip
+
+
 def statuses(workers: list[ServeProcess]) -> list[dict[str, Any]]:
     """Each worker's status without the group lag (the part that asks the broker)."""
     return [w.client.status(lag=False) for w in workers]
@@ -146,10 +153,11 @@ def ingest(workers: list[ServeProcess], interactions: list[Interaction],
 
 
 #: Interactions ingested by throwaway workers before the measured run. The broker is a JVM: on
-#: a fresh one, the first minutes of transactions and fetches run partly interpreted while its
-#: JIT compiles them (C2 took up to 2.9 CPU-s of a 3,000-turn ingest on 2 cores), and the first
-#: run after ``memstream infra up`` measured 0.70 of the ceiling where the next ones measured
-#: 0.82-0.84. The warm-up makes the number the pipeline's, not the broker's JIT's.
+#: a fresh one, the first transactions and fetches run partly interpreted while its JIT compiles
+#: them. With C2 that took up to 3.6 CPU-s of a 3,000-turn ingest on 2 cores (the first run
+#: after ``memstream infra up`` measured 0.70 of the ceiling, the next ones 0.82-0.84); the local
+#: broker now runs C1 only (``infra/kafka.py``), and a fresh one still costs 0.4 CPU-s more than
+#: a warm one. The warm-up makes the number the pipeline's, not the broker's JIT's.
 WARM_UP = 600
 
 
@@ -183,9 +191,14 @@ def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300,
         interactions = workload(n, cubes)
         meter = CpuMeter({f"{w.settings.role} {w.settings.worker_id}": w.proc.pid
                           for w in workers if w.proc is not None}).start()  # fmt: skip
+        before = writer_seconds(statuses(workers))
         published, ingest_s = ingest(workers, interactions, console)
         ingest_cpu = meter.stop()
-        counters = reader_counters(statuses(workers))
+        after = statuses(workers)
+        counters = reader_counters(after)
+        # Where each writer's thread spent the ingest (poll, extract, embed, fuse, commit_wait).
+        writer_time_s = [{k: round(v - b.get(k, 0.0), 2) for k, v in a.items()}
+                         for b, a in zip(before, writer_seconds(after), strict=True)]  # fmt: skip
         # The texts the reader embedded (replies carry their question): the ceiling's input.
         memory_texts = [m["text"] for c in sorted({i.cube_id for i in interactions})
                         for m in client.memories(c, 16384)]  # fmt: skip
@@ -248,6 +261,7 @@ def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300,
                 "total_s": round(ingest_s, 2),
                 "interactions_per_s": round(n / ingest_s, 1),
                 "memories_per_s": round(counters["ops_emitted"] / ingest_s, 1),
+                "writer_time_s": writer_time_s[0] if len(writer_time_s) == 1 else writer_time_s,
                 "event_to_searchable": percentiles(latencies),
                 "search_single_client": {
                     **latency_summary(search_ms, search_wall),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any, Protocol
@@ -68,7 +68,8 @@ ONNX_MODES = {"onnx": "fp32", "onnx-int8": "int8", "onnx-int8-static": "int8-sta
 
 
 @cache
-def load_embedder(kind: str = "torch", cache_dir: Path | None = None) -> Embedder:
+def load_embedder(kind: str = "torch", cache_dir: Path | None = None,
+                  on_thread_start: Callable[[], None] | None = None) -> Embedder:  # fmt: skip
     """The process-wide embedder of a kind (loading takes seconds: do it once).
 
     ``torch``: sentence-transformers; ``onnx``: the same model on ONNX Runtime (same vectors);
@@ -78,6 +79,7 @@ def load_embedder(kind: str = "torch", cache_dir: Path | None = None) -> Embedde
     weights and activations with scales calibrated once (fixed in the model, cosine ~0.99 to
     fp32), so texts of the same token count run together and a vector still never depends on
     its batch. fp32 and static int8 batch only texts of equal length (no padding).
+    ``on_thread_start`` runs in each thread an ONNX embedder starts for its texts.
     """
     if kind == "torch":
         return MiniLMEmbedder()
@@ -85,7 +87,9 @@ def load_embedder(kind: str = "torch", cache_dir: Path | None = None) -> Embedde
         from processors.onnx_embedder import OnnxMiniLMEmbedder
 
         folder = cache_dir or Path.home() / ".cache" / "memstream" / "tools" / "onnx"
-        return OnnxMiniLMEmbedder(folder, quantize=ONNX_MODES[kind])
+        return OnnxMiniLMEmbedder(
+            folder, quantize=ONNX_MODES[kind], on_thread_start=on_thread_start
+        )
     raise ValueError(f"unknown embedder {kind!r} (known: {', '.join(EMBEDDERS)})")
 
 

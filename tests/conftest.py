@@ -78,11 +78,15 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     import sys
     import threading
     import time
+    from concurrent.futures.thread import _threads_queues
 
     deadline = time.monotonic() + EXIT_GRACE_S
     while time.monotonic() < deadline:
+        # A thread pool's idle workers (the embedder keeps one) are ended by concurrent.futures
+        # itself at interpreter exit, before the interpreter waits for threads.
         left = [t for t in threading.enumerate()
-                if t is not threading.main_thread() and not t.daemon and t.is_alive()]  # fmt: skip
+                if t is not threading.main_thread() and not t.daemon and t.is_alive()
+                and t not in _threads_queues]  # fmt: skip
         if not left:
             return
         time.sleep(0.5)

@@ -8,6 +8,7 @@ processors; a restarted processor gets the same ones.
 from __future__ import annotations
 
 import threading
+from functools import partial
 from typing import Any
 
 from processors.embedder import Embedder, load_embedder
@@ -18,13 +19,16 @@ from sinks.stores import clickhouse_client, milvus_view, minio_client
 from sinks.vault import VaultSink
 from streams.query.search import Searcher
 from streams.runtime.generations import Generation, GenerationStore
+from streams.runtime.host import name_os_thread
 from streams.runtime.snapshots import SnapshotStore
 from streams.settings import Settings
 
 
 def embedder_for(settings: Settings) -> Embedder:
-    """The configured embedder, loaded once per process (ONNX exports cached in the tools dir)."""
-    return load_embedder(settings.embedder, settings.tools_dir / "onnx")
+    """The configured embedder, loaded once per process (ONNX exports cached in the tools dir);
+    its threads are named "embed" for the OS (``top -H``, ``bench/cpu.py``)."""
+    return load_embedder(settings.embedder, settings.tools_dir / "onnx",
+                         on_thread_start=partial(name_os_thread, "embed"))  # fmt: skip
 
 
 def default_extractor(settings: Settings) -> Extractor:
