@@ -9,6 +9,7 @@ id), and an item whose memory already exists in the fold is recognised as done.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left, insort_left
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,10 @@ from processors.ops import (
     op_event_id,
     plaintext_payload,
 )
+
+
+def _turn_order(said: tuple[TurnKey, Turn]) -> TurnKey:
+    return said[0]
 
 
 @dataclass(frozen=True)
@@ -71,14 +76,17 @@ class MemReader:
         """The ops for a batch, in the order they must be published (and already folded)."""
         started = time.perf_counter()
         items: list[tuple[Sourced, int, MemoryItem]] = []
-        said: dict[tuple[str, str], list[tuple[TurnKey, Turn]]] = {}  # this batch's turns
+        # this batch's turns per session, in turn order (a lookup is a bisection: a batch of a
+        # few hundred turns of one session no longer compares each with all before it)
+        said: dict[tuple[str, str], list[tuple[TurnKey, Turn]]] = {}
         for source in batch:
             i = source.interaction
             session = (i["cube_id"], i.get("session_id") or "")
             key = turn_key(i["event_time"], i["event_id"])
             extracted = self.extractor.extract(i, self._previous(i, key, said.get(session, [])))
             if extracted:
-                said.setdefault(session, []).append((key, own_words(extracted[0].text)))
+                turns = said.setdefault(session, [])
+                insort_left(turns, (key, own_words(extracted[0].text)), key=_turn_order)
             items.extend((source, index, item) for index, item in enumerate(extracted))
         todo = [
             (source, index, item)
@@ -101,7 +109,8 @@ class MemReader:
     ) -> Turn | None:
         """The turn before ``i`` in its session (by event time): from this batch, or from the
         fold (the first memory that turn made), so any batching, a restart and a replay agree."""
-        earlier = max(((k, turn) for k, turn in said if k < key), key=lambda e: e[0], default=None)
+        before = bisect_left(said, key, key=_turn_order)  # said[before - 1]: the last earlier
+        earlier = said[before - 1] if before else None
         found = self.memories.turn_before(i["cube_id"], i.get("session_id") or "", key)
         if found is not None and (earlier is None or found > earlier[0]):
             memory = self.memories.get(memory_id(i["cube_id"], found[1], 0, self.generation))

@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from processors.extract import RuleExtractor, Turn, own_words
 from processors.fusion import CubeMemories
@@ -147,6 +149,17 @@ def test_replies_do_not_depend_on_log_positions() -> None:
     paired = [o for n in (0, 2, 4) for o in twos.process(
         [Sourced(turn(*DIALOGUE[m], m)) for m in (n, n + 1) if m < 5])]  # fmt: skip
     assert made(paired) == made(alone)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.permutations(range(len(DIALOGUE))))
+def test_a_batch_in_any_order_finds_each_turns_previous_as_the_fold_does(order: list[int]) -> None:
+    """Turns arriving out of event-time order: in one batch (the previous turn looked up among
+    the batch's turns so far) and one by one (looked up in the fold), the same ops."""
+    turns = [Sourced(turn(*DIALOGUE[n], n), "interactions", 0, n) for n in order]
+    batch = MemReader(RuleExtractor(), HashEmbedder(), CubeMemories(64)).process(turns)
+    reader = MemReader(RuleExtractor(), HashEmbedder(), CubeMemories(64))
+    assert batch == [o for t in turns for o in reader.process([t])]
 
 
 def test_sessions_do_not_share_context() -> None:

@@ -39,3 +39,13 @@ def test_masked_hides_secrets(clean_env: dict[str, str]) -> None:
     assert "hunter2" not in text
     assert values["minio_secret_key"] == "********"
     assert values["effective_clickhouse_dsn"] == "http://default:********@clickhouse:8123"
+
+
+def test_the_writers_batch_fits_its_extractor(clean_env: dict[str, str]) -> None:
+    """Rules take big batches (fixed costs paid once per batch); an LLM extractor makes a call
+    per interaction, so its batches stay small enough to end within max.poll.interval."""
+    assert Settings().effective_reader_batch == 256
+    clean_env["MEMSTREAM_LLM_BASE_URL"] = "http://127.0.0.1:9/v1"
+    assert Settings().effective_reader_batch == 64
+    clean_env["MEMSTREAM_READER_BATCH"] = "8"
+    assert Settings().masked()["effective_reader_batch"] == 8

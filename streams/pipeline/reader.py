@@ -245,7 +245,7 @@ class ReaderProcessor(Processor):
         if self._commit is not None and self._commit.done():
             self._committed()  # a failed commit fails the processor here, not one batch later
         began = time.perf_counter()
-        batch = self._consumer.poll_batch(self.settings.reader_batch, 0.2)
+        batch = self._consumer.poll_batch(self.settings.effective_reader_batch, 0.2)
         offsets = self._consumer.take_offsets()
         self.seconds["poll"] += time.perf_counter() - began
         if not offsets:
