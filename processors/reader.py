@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left, insort_left
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 from processors.embedder import Embedder
@@ -23,10 +24,6 @@ from processors.ops import (
     op_event_id,
     plaintext_payload,
 )
-
-
-def _turn_order(said: tuple[TurnKey, Turn]) -> TurnKey:
-    return said[0]
 
 
 @dataclass(frozen=True)
@@ -86,7 +83,7 @@ class MemReader:
             extracted = self.extractor.extract(i, self._previous(i, key, said.get(session, [])))
             if extracted:
                 turns = said.setdefault(session, [])
-                insort_left(turns, (key, own_words(extracted[0].text)), key=_turn_order)
+                insort_left(turns, (key, own_words(extracted[0].text)), key=itemgetter(0))
             items.extend((source, index, item) for index, item in enumerate(extracted))
         todo = [
             (source, index, item)
@@ -109,7 +106,7 @@ class MemReader:
     ) -> Turn | None:
         """The turn before ``i`` in its session (by event time): from this batch, or from the
         fold (the first memory that turn made), so any batching, a restart and a replay agree."""
-        before = bisect_left(said, key, key=_turn_order)  # said[before - 1]: the last earlier
+        before = bisect_left(said, key, key=itemgetter(0))  # said[before - 1]: the last earlier
         earlier = said[before - 1] if before else None
         found = self.memories.turn_before(i["cube_id"], i.get("session_id") or "", key)
         if found is not None and (earlier is None or found > earlier[0]):

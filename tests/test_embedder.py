@@ -13,6 +13,7 @@ import pytest
 
 from processors.embedder import load_embedder
 from processors.onnx_embedder import OnnxMiniLMEmbedder
+from streams.pipeline.build import embedder_for
 from streams.settings import Settings
 
 TEXTS = [
@@ -123,3 +124,9 @@ def test_onnx_matches_sentence_transformers(onnx_dir) -> None:  # type: ignore[n
     int8 = load_embedder("onnx-int8", onnx_dir).encode(TEXTS)
     assert np.min(np.sum(reference * fp32, axis=1)) > 0.9999
     assert np.min(np.sum(reference * int8, axis=1)) > 0.97
+
+
+def test_the_service_loads_its_embedder_once_per_process() -> None:
+    """Every processor, the search and the benchmarks share one model (and one thread pool)."""
+    settings = Settings()
+    assert embedder_for(settings) is embedder_for(settings.model_copy())

@@ -23,12 +23,15 @@ from streams.runtime.host import name_os_thread
 from streams.runtime.snapshots import SnapshotStore
 from streams.settings import Settings
 
+#: Run in each embedder thread: named "embed" for the OS (``top -H``, ``bench/cpu.py``). One
+#: object, so ``load_embedder``'s cache (keyed by its arguments) still loads the model once.
+_NAME_EMBED_THREAD = partial(name_os_thread, "embed")
+
 
 def embedder_for(settings: Settings) -> Embedder:
-    """The configured embedder, loaded once per process (ONNX exports cached in the tools dir);
-    its threads are named "embed" for the OS (``top -H``, ``bench/cpu.py``)."""
+    """The configured embedder, loaded once per process (ONNX exports cached in the tools dir)."""
     return load_embedder(settings.embedder, settings.tools_dir / "onnx",
-                         on_thread_start=partial(name_os_thread, "embed"))  # fmt: skip
+                         on_thread_start=_NAME_EMBED_THREAD)  # fmt: skip
 
 
 def default_extractor(settings: Settings) -> Extractor:
