@@ -42,12 +42,6 @@ from streams.transport.topics import MEMORY_OPS, partition_for, retry_kafka
 log = logging.getLogger("memstream.views")
 
 
-#: Milvus is flushed once the log has been quiet this long: a flush at every pause between two
-#: reader batches sealed a small segment each time, which milvus-lite then compacted (a fifth
-#: of the pipeline's CPU besides the embedder during an ingest).
-QUIET_FLUSH_S = 2.0
-
-
 class ViewsProcessor(Processor):
     """memory-ops -> Milvus, MinIO vault, ClickHouse memory_ops, the search working set."""
 
@@ -80,7 +74,8 @@ class ViewsProcessor(Processor):
         self._snapshotting: threading.Thread | None = None
         self._busy_at = time.monotonic()
         self.counters = {"ops_folded": 0, "ops_written": 0, "dead_lettered": 0, "snapshots": 0,
-                         "snapshot_loads": 0, "other_generation": 0}  # fmt: skip
+                         "snapshot_loads": 0, "other_generation": 0,
+                         "milvus_flushes": 0}  # fmt: skip
 
     def owns(self, cube_id: str) -> bool:
         """Whether this worker follows the cube's ops (its partition is assigned here)."""
@@ -210,7 +205,7 @@ class ViewsProcessor(Processor):
     def step(self) -> None:
         first = self._consumer.poll(0.2)
         if first is None:
-            if time.monotonic() - self._busy_at >= QUIET_FLUSH_S:
+            if time.monotonic() - self._busy_at >= self.settings.views_quiet_flush_s:
                 self._flush()  # commits too
             else:
                 self._commit()
@@ -298,6 +293,7 @@ class ViewsProcessor(Processor):
         if self.stores.milvus.unflushed:
             with self.stores.lock:
                 self.stores.milvus.flush()
+            self.counters["milvus_flushes"] += 1
 
     def _maybe_snapshot(self) -> None:
         if self._snapshotting is not None and self._snapshotting.is_alive():

@@ -64,6 +64,7 @@ class ServeProcess:
             "MEMSTREAM_SNAPSHOT_EVERY": str(s.snapshot_every),
             "MEMSTREAM_SESSION_TIMEOUT_MS": str(s.session_timeout_ms),
             "MEMSTREAM_TRANSACTION_TIMEOUT_MS": str(s.transaction_timeout_ms),
+            "MEMSTREAM_VIEWS_QUIET_FLUSH_S": str(s.views_quiet_flush_s),
             **({"MEMSTREAM_MILVUS_URI": s.milvus_uri} if s.milvus_uri else {}),
         }
 

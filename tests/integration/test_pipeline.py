@@ -265,3 +265,37 @@ def test_search_filters_by_time_range_and_tags(worker: ServeProcess) -> None:
     ]
     tagged = worker.client.search(cube, "ran a race", top_k=5, tags=["marathon"])["hits"]
     assert [h["text"] for h in tagged] == ["Caroline said: I ran the Boston marathon in the rain."]
+
+
+def test_the_views_seal_milvus_once_the_log_is_quiet_not_between_batches(
+    settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    quiet = 6.0
+    serve = ServeProcess(settings, tmp_path_factory.mktemp("quiet"), views_quiet_flush_s=quiet)
+    serve.start()
+    try:
+        client = serve.client
+        cube = f"quiet-{uuid.uuid4().hex[:6]}"
+
+        def flushes() -> int:
+            return client.status(lag=False)["processors"]["views"]["stats"]["milvus_flushes"]
+
+        # Batches a second apart, as a writer's under a backlog: a pause, not quiet.
+        for fact in ("I planted tomato seedlings in the garden.",
+                     "My sister adopted a grey kitten from the shelter.",
+                     "We repainted the kitchen a bright yellow.",):  # fmt: skip
+            last = time.monotonic()  # the views see the ops after this
+            client.publish(cube, [turn(fact)])
+            client.wait_drained()
+            time.sleep(1)
+        assert flushes() == 0
+        while flushes() == 0:
+            assert time.monotonic() - last < quiet + 30, "the views never sealed Milvus"
+            time.sleep(0.2)
+        assert time.monotonic() - last >= quiet
+        assert flushes() == 1  # once, not at every quiet poll after it
+        hits = client.search(cube, "Which pet did her sister adopt?", top_k=5)["hits"]
+        assert len(hits) == 3
+        assert "kitten" in hits[0]["text"]
+    finally:
+        serve.stop()
