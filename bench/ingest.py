@@ -262,8 +262,11 @@ def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300,
                 "interactions_per_s": round(n / ingest_s, 1),
                 "memories_per_s": round(counters["ops_emitted"] / ingest_s, 1),
                 "writer_time_s": writer_time_s[0] if len(writer_time_s) == 1 else writer_time_s,
-                "milvus_flushes": sum(s["processors"]["views"]["stats"]["milvus_flushes"]
-                                      for s in after if "views" in s["processors"]),
+                "milvus_flushes": sum(
+                    s["processors"]["views"]["stats"]["milvus_flushes"]
+                    for s in after
+                    if "views" in s["processors"]
+                ),
                 "event_to_searchable": percentiles(latencies),
                 "search_single_client": {
                     **latency_summary(search_ms, search_wall),
