@@ -196,7 +196,8 @@ def run(n: int = 20_000, cubes: int = 10, probes: int = 30, queries: int = 300,
         ingest_cpu = meter.stop()
         after = statuses(workers)
         counters = reader_counters(after)
-        # Where each writer's thread spent the ingest (poll, extract, embed, fuse, commit_wait).
+        # Where each writer's thread spent the ingest (poll, extract, embed: waiting for a
+        # batch's vectors, fuse, commit_wait).
         writer_time_s = [{k: round(v - b.get(k, 0.0), 2) for k, v in a.items()}
                          for b, a in zip(before, writer_seconds(after), strict=True)]  # fmt: skip
         # The texts the reader embedded (replies carry their question): the ceiling's input.

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left, insort_left
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
+
+import numpy as np
 
 from processors.embedder import Embedder
 from processors.extract import Extractor, MemoryItem, Turn, own_words
@@ -47,8 +50,27 @@ class Sourced:
         }
 
 
+@dataclass
+class Extracted:
+    """A batch extracted, its texts on their way through the embedder: what
+    :meth:`MemReader.fuse` makes ops of. ``said``: the batch's own turns per session, in turn
+    order (the next batch, extracted before this one is fused, finds its previous turns here)."""
+
+    items: list[tuple[Sourced, int, MemoryItem]]
+    said: dict[tuple[str, str], list[tuple[TurnKey, Turn]]]
+    vectors: Future[np.ndarray]
+
+
 class MemReader:
-    """Extracts, embeds (one batch across all interactions), fuses and emits ops."""
+    """Extracts, embeds (one batch across all interactions), fuses and emits ops.
+
+    :meth:`process` does all three for a batch. The writer splits them: :meth:`extract` starts
+    a batch's embedding in the background and :meth:`fuse` waits for it, so the next batch is
+    polled and extracted while this one embeds (the cores would otherwise idle through every
+    batch's single-threaded part). The ops are the same either way: extraction reads the
+    previous turn from the batch before when that one is not fused yet, and fusion reads the
+    fold as it is once every earlier batch is fused.
+    """
 
     def __init__(
         self,
@@ -66,38 +88,63 @@ class MemReader:
         self.actor = f"memreader/{extractor.name}"
         #: What decided the ops, recorded on each: a re-extraction is compared by it.
         self.version = f"{self.actor} {embedder.model_id} merge={merge_threshold:g}"
-        #: Seconds spent per stage, for ``/v1/status`` (a measurement: no op depends on it).
+        #: Seconds spent per stage, for ``/v1/status`` (a measurement: no op depends on it);
+        #: ``embed`` is the time fusion waited for the vectors.
         self.seconds = {"extract": 0.0, "embed": 0.0, "fuse": 0.0}
+        self._embedding: ThreadPoolExecutor | None = None  # one batch's encode at a time
+
+    def close(self) -> None:
+        """End the embedding thread (a batch still embedding finishes; nobody waits for it)."""
+        if self._embedding is not None:
+            self._embedding.shutdown(wait=False)
 
     def process(self, batch: list[Sourced]) -> list[dict[str, Any]]:
         """The ops for a batch, in the order they must be published (and already folded)."""
+        return self.fuse(self.extract(batch))
+
+    def extract(self, batch: list[Sourced], after: Extracted | None = None) -> Extracted:
+        """Extract a batch and start embedding what it adds. ``after``: the batch before it, if
+        that one is not fused yet (its turns are not in the fold, so they are looked up in it).
+        """
         started = time.perf_counter()
         items: list[tuple[Sourced, int, MemoryItem]] = []
         # this batch's turns per session, in turn order (a lookup is a bisection: a batch of a
         # few hundred turns of one session no longer compares each with all before it)
-        said: dict[tuple[str, str], list[tuple[TurnKey, Turn]]] = {}
+        own: dict[tuple[str, str], list[tuple[TurnKey, Turn]]] = {}
+        said = {session: list(turns) for session, turns in after.said.items()} if after else {}
         for source in batch:
             i = source.interaction
             session = (i["cube_id"], i.get("session_id") or "")
             key = turn_key(i["event_time"], i["event_id"])
             extracted = self.extractor.extract(i, self._previous(i, key, said.get(session, [])))
             if extracted:
-                turns = said.setdefault(session, [])
-                insort_left(turns, (key, own_words(extracted[0].text)), key=itemgetter(0))
+                entry = (key, own_words(extracted[0].text))
+                for turns in (own, said):
+                    insort_left(turns.setdefault(session, []), entry, key=itemgetter(0))
             items.extend((source, index, item) for index, item in enumerate(extracted))
         todo = [
             (source, index, item)
             for source, index, item in items
             if self.memories.get(self._memory_id(source, index)) is None
         ]
-        extracted_at = time.perf_counter()
-        vectors = self.embedder.encode([item.text for _, _, item in todo])
+        if self._embedding is None:
+            self._embedding = ThreadPoolExecutor(1, thread_name_prefix="reader-embed")
+        vectors = self._embedding.submit(self.embedder.encode, [item.text for _, _, item in todo])
+        self.seconds["extract"] += time.perf_counter() - started
+        return Extracted(todo, own, vectors)
+
+    def fuse(self, extracted: Extracted) -> list[dict[str, Any]]:
+        """The ops of an extracted batch, once its vectors are there (every batch before it
+        fused first); an item whose memory is in the fold by now (the same event again) is done.
+        """
+        started = time.perf_counter()
+        vectors = extracted.vectors.result()
         embedded_at = time.perf_counter()
         ops: list[dict[str, Any]] = []
-        for (source, index, item), vector in zip(todo, vectors, strict=True):
-            ops.extend(self._fuse(source, index, item, vector))
-        self.seconds["extract"] += extracted_at - started
-        self.seconds["embed"] += embedded_at - extracted_at
+        for (source, index, item), vector in zip(extracted.items, vectors, strict=True):
+            if self.memories.get(self._memory_id(source, index)) is None:
+                ops.extend(self._fuse(source, index, item, vector))
+        self.seconds["embed"] += embedded_at - started
         self.seconds["fuse"] += time.perf_counter() - embedded_at
         return ops
 

@@ -162,6 +162,56 @@ def test_a_batch_in_any_order_finds_each_turns_previous_as_the_fold_does(order: 
     assert batch == [o for t in turns for o in reader.process([t])]
 
 
+def _batches(deliveries: list[int], sizes: list[int]) -> list[list[Sourced]]:
+    """Deliveries of ten events (each DIALOGUE turn said twice), cut into batches of sizes."""
+    events = [turn(*DIALOGUE[n % len(DIALOGUE)], n) for n in range(10)]
+    stream = [Sourced(events[n], "interactions", 0, offset) for offset, n in enumerate(deliveries)]
+    batches, start = [], 0
+    for size in sizes * len(stream):
+        if start >= len(stream):
+            break
+        batches.append(stream[start : start + size])
+        start += size
+    return batches
+
+
+def _overlapped(batches: list[list[Sourced]]) -> list[dict]:
+    """The writer's way: a batch is extracted while the one before it embeds, then that one is
+    fused."""
+    reader = MemReader(RuleExtractor(), HashEmbedder(), CubeMemories(64))
+    ops: list[dict] = []
+    embedding = None
+    for batch in batches:
+        extracted = reader.extract(batch, embedding)
+        if embedding is not None:
+            ops += reader.fuse(embedding)
+        embedding = extracted
+    return ops + reader.fuse(embedding) if embedding is not None else ops
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(0, 9), min_size=1, max_size=16),
+       st.lists(st.integers(1, 5), min_size=1, max_size=16))  # fmt: skip
+def test_the_writers_overlapped_batches_write_the_ops_of_batches_one_at_a_time(
+    deliveries: list[int], sizes: list[int]
+) -> None:
+    """Extracting a batch before the one before it is fused (``extract(after=...)``) writes
+    the same ops as processing each batch whole in turn, in any order and batching."""
+    batches = _batches(deliveries, sizes)
+    serial = MemReader(RuleExtractor(), HashEmbedder(), CubeMemories(64))
+    assert _overlapped(batches) == [op for batch in batches for op in serial.process(batch)]
+
+
+def test_overlapped_batches_merge_repeats_and_skip_an_event_delivered_again() -> None:
+    batches = _batches([*range(10), 8, 9], [3])  # events 8 and 9 again, one batch later
+    ops = _overlapped(batches)
+    once = _overlapped(_batches(list(range(10)), [3]))
+    assert ops == once
+    assert {op["op"] for op in ops} >= {"ADD", "MERGE"}  # the second saying of a turn merges
+    serial = MemReader(RuleExtractor(), HashEmbedder(), CubeMemories(64))
+    assert ops == [op for batch in batches for op in serial.process(batch)]
+
+
 def test_sessions_do_not_share_context() -> None:
     reader = MemReader(RuleExtractor(), HashEmbedder(), CubeMemories(64))
     ops = reader.process([

@@ -18,6 +18,14 @@ fails the processor before the next batch is published (the batch computed meanw
 top of the failed one, is thrown away with the fold). A revocation waits for the commit in
 flight, so a partition is handed over with its last batch committed.
 
+Batches of interactions overlap one stage more: a batch is polled and extracted while the one
+before it is still being embedded, and only then is that one fused and published (the embedder
+is never left idle through a batch's single-threaded part: poll, decode, extraction, fusion).
+A batch holding a command waits until every batch before it is fused (a command acts on the
+fold as the interactions before it left it). With nothing new to read, the batch being embedded
+is finished at once, so a light load waits for nothing. A revocation drops that batch: nothing
+of it was folded or published, and its events are read again from the committed offsets.
+
 Each instance writes one ops generation (:mod:`streams.runtime.generations`): its own group,
 transactional id, memory ids and fold. ``memstream replay --reextract`` runs a second one, for
 the next generation, from offset 0 of ``interactions`` beside the live one.
@@ -30,6 +38,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Message, TopicPartition
@@ -40,7 +49,7 @@ from processors.extract import Extractor
 from processors.fold import FoldError
 from processors.fusion import CubeMemories
 from processors.ops import NAMESPACE
-from processors.reader import MemReader, Sourced
+from processors.reader import Extracted, MemReader, Sourced
 from schemas import Codec, DecodeError
 from streams.runtime.generations import Generation
 from streams.runtime.partitions import restore_partitions
@@ -58,6 +67,9 @@ from streams.transport.topics import (
 )
 
 log = logging.getLogger("memstream.reader")
+
+#: A record of a batch's transaction: (topic, Avro record name, key, value).
+Item = tuple[str, str, str, dict[str, Any]]
 
 
 def interaction_validator(settings: Settings) -> Callable[[Event], None]:
@@ -83,6 +95,16 @@ def interaction_validator(settings: Settings) -> Callable[[Event], None]:
             )
 
     return validate
+
+
+@dataclass
+class Embedding:
+    """A batch whose texts are being embedded: its extraction, the consumer offsets past it (to
+    commit with its ops) and how many interactions it holds."""
+
+    extracted: Extracted
+    offsets: list[TopicPartition]
+    interactions: int
 
 
 class ReaderProcessor(Processor):
@@ -118,6 +140,7 @@ class ReaderProcessor(Processor):
         self._assigned_once = False
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="reader-commit")
         self._commit: Future[None] | None = None  # the transaction in flight
+        self._embedding: Embedding | None = None  # the batch extracted, not yet fused
         #: Seconds the writer's thread spent polling and waiting for the previous commit.
         self.seconds = {"poll": 0.0, "commit_wait": 0.0}
         self.counters = {"interactions": 0, "commands": 0, "ops_emitted": 0,
@@ -161,8 +184,10 @@ class ReaderProcessor(Processor):
         )
 
     def close(self) -> None:
+        self._drop()  # not committed: the next owner reads its events again
         self._settle()  # its outcome no longer matters here: the next owner reads the log
         self._committer.shutdown()
+        self.reader.close()
         for closer in (getattr(self, "_consumer", None), getattr(self, "_transactions", None),
                        getattr(self, "_dlq", None)):  # fmt: skip
             if closer is not None:
@@ -184,6 +209,7 @@ class ReaderProcessor(Processor):
     # partitions --------------------------------------------------------------------------------
 
     def _assigned(self, partitions: list[TopicPartition]) -> None:
+        self._drop()
         self._settle()
         now = {tp.partition for tp in partitions}
         # Eager rebalancing revokes everything first; what comes back unchanged keeps its fold
@@ -198,12 +224,14 @@ class ReaderProcessor(Processor):
         self._assigned_once = True
 
     def _revoked_cb(self, partitions: list[TopicPartition]) -> None:
+        self._drop()
         self._settle()
         revoked = {tp.partition for tp in partitions}
         self._revoked |= revoked & self.owned
         self.owned -= revoked
 
     def _lost(self, partitions: list[TopicPartition]) -> None:
+        self._drop()
         self._settle()
         lost = {tp.partition for tp in partitions}
         self._forget(lost)
@@ -245,15 +273,32 @@ class ReaderProcessor(Processor):
         if self._commit is not None and self._commit.done():
             self._committed()  # a failed commit fails the processor here, not one batch later
         began = time.perf_counter()
-        batch = self._consumer.poll_batch(self.settings.effective_reader_batch, 0.2)
+        # With a batch embedding, take only what is ready: nothing new means it is finished now.
+        wait = 0.0 if self._embedding is not None else 0.2
+        batch = self._consumer.poll_batch(self.settings.effective_reader_batch, wait)
         offsets = self._consumer.take_offsets()
         self.seconds["poll"] += time.perf_counter() - began
-        if not offsets:
-            return
-        # A partition revoked during the poll is not ours to write for any more.
+        # A partition revoked during the poll is not ours to write for any more (a revocation
+        # also dropped the batch that was embedding: its events are read again from the log).
         batch = [e for e in batch if e.partition in self.owned]
         offsets = [tp for tp in offsets if tp.partition in self.owned]
-        items: list[tuple[str, str, str, dict[str, Any]]] = []
+        if not offsets:
+            self._finish()
+            return
+        if all(e.topic != self._commands_topic for e in batch):
+            # Extract this batch while the one before still embeds, then fuse and publish that
+            # one: the embedder is never left waiting for a batch's single-threaded part.
+            before = self._embedding
+            extracted = self.reader.extract(
+                [Sourced(e.value, e.topic, e.partition, e.offset) for e in batch],
+                before.extracted if before is not None else None,
+            )
+            self._finish()
+            self._embedding = Embedding(extracted, offsets, len(batch))
+            return
+        # A command acts on the fold as every interaction before it left it.
+        self._finish()
+        items: list[Item] = []
         for topic, events in _runs(batch):
             if topic == self._commands_topic:
                 for event in events:
@@ -262,11 +307,32 @@ class ReaderProcessor(Processor):
                 ops = self.reader.process(
                     [Sourced(e.value, e.topic, e.partition, e.offset) for e in events]
                 )
-                items.extend((self._ops_topic, MEMORY_OPS.record, op["cube_id"], op) for op in ops)
+                items.extend(self._op_items(ops))
                 self.counters["interactions"] += len(events)
-                self.counters["ops_emitted"] += len(ops)
-        if not offsets:
+        self._publish(items, offsets)
+
+    def _finish(self) -> None:
+        """Fuse the batch that is embedding and publish its ops (none: nothing to do)."""
+        if self._embedding is None:
             return
+        embedding, self._embedding = self._embedding, None
+        ops = self.reader.fuse(embedding.extracted)
+        self.counters["interactions"] += embedding.interactions
+        self._publish(self._op_items(ops), embedding.offsets)
+
+    def _drop(self) -> None:
+        """Forget the batch that is embedding (partitions are moving): nothing of it is folded
+        or published, and its events are read again from the committed offsets."""
+        self._embedding = None
+
+    def _op_items(self, ops: list[dict[str, Any]]) -> list[Item]:
+        """The reader's ops as records of the batch's transaction (and counted)."""
+        self.counters["ops_emitted"] += len(ops)
+        return [(self._ops_topic, MEMORY_OPS.record, op["cube_id"], op) for op in ops]
+
+    def _publish(self, items: list[Item], offsets: list[TopicPartition]) -> None:
+        """One transaction: a batch's records and the consumer offsets past it, committed in a
+        thread of its own once the transaction before it committed."""
         metadata = self._consumer.group_metadata()  # of this batch's generation, taken now
         self._committed()
         self._commit = self._committer.submit(
@@ -290,7 +356,7 @@ class ReaderProcessor(Processor):
         if self._commit is not None:
             wait([self._commit])
 
-    def _command(self, event: Event) -> list[tuple[str, str, str, dict[str, Any]]]:
+    def _command(self, event: Event) -> list[Item]:
         command = event.value
         outcome = apply_command(self.memories, command)
         self.counters["commands"] += 1
