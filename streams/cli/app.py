@@ -417,9 +417,9 @@ def demo(
         # Time travel: the cube as memstream had it before the move, folded from the log.
         question = f"{speaker} moved to"
         table = Table("as of", "top memory", title=f"time travel: {question}")
-        for label, at in ((f"{between:%H:%M:%S.%f} (before)", between), ("now", None)):
+        for label, at in ((f"{between:%H:%M:%S} (before the move)", between), ("now", None)):
             found = client.search(cube, question, top_k=1, **({"as_of": at} if at else {}))
-            table.add_row(label[:19], found["hits"][0]["text"] if found["hits"] else "-")
+            table.add_row(label, found["hits"][0]["text"] if found["hits"] else "-")
         console.print(table)
 
         updates.join(60)
