@@ -50,14 +50,20 @@ class Sourced:
         }
 
 
+#: An extracted memory item and where it comes from: (interaction, index in it, the item).
+Item = tuple[Sourced, int, MemoryItem]
+#: A batch's turns per (cube, session), in turn order: each turn's key and its own words.
+Said = dict[tuple[str, str], list[tuple[TurnKey, Turn]]]
+
+
 @dataclass
 class Extracted:
     """A batch extracted, its texts on their way through the embedder: what
     :meth:`MemReader.fuse` makes ops of. ``said``: the batch's own turns per session, in turn
     order (the next batch, extracted before this one is fused, finds its previous turns here)."""
 
-    items: list[tuple[Sourced, int, MemoryItem]]
-    said: dict[tuple[str, str], list[tuple[TurnKey, Turn]]]
+    items: list[Item]
+    said: Said
     vectors: Future[np.ndarray]
 
 
@@ -91,27 +97,48 @@ class MemReader:
         #: Seconds spent per stage, for ``/v1/status`` (a measurement: no op depends on it);
         #: ``embed`` is the time fusion waited for the vectors.
         self.seconds = {"extract": 0.0, "embed": 0.0, "fuse": 0.0}
-        self._embedding: ThreadPoolExecutor | None = None  # one batch's encode at a time
+        self._encoding: ThreadPoolExecutor | None = None  # one batch's encode at a time
 
     def close(self) -> None:
-        """End the embedding thread (a batch still embedding finishes; nobody waits for it)."""
-        if self._embedding is not None:
-            self._embedding.shutdown(wait=False)
+        """End the encoding thread (a batch still embedding finishes; nobody waits for it)."""
+        if self._encoding is not None:
+            self._encoding.shutdown(wait=False)
 
     def process(self, batch: list[Sourced]) -> list[dict[str, Any]]:
         """The ops for a batch, in the order they must be published (and already folded)."""
-        return self.fuse(self.extract(batch))
+        items, _ = self._extract(batch, None)
+        started = time.perf_counter()
+        vectors = self.embedder.encode([item.text for _, _, item in items])
+        self.seconds["embed"] += time.perf_counter() - started
+        return self._fuse_all(items, vectors)
 
     def extract(self, batch: list[Sourced], after: Extracted | None = None) -> Extracted:
-        """Extract a batch and start embedding what it adds. ``after``: the batch before it, if
-        that one is not fused yet (its turns are not in the fold, so they are looked up in it).
-        """
+        """Extract a batch and start embedding what it adds, in the background. ``after``: the
+        batch before it, if that one is not fused yet (its turns are not in the fold, so they
+        are looked up in it)."""
+        items, said = self._extract(batch, after)
+        if self._encoding is None:
+            self._encoding = ThreadPoolExecutor(1, thread_name_prefix="reader-encode")
+        texts = [item.text for _, _, item in items]
+        return Extracted(items, said, self._encoding.submit(self.embedder.encode, texts))
+
+    def fuse(self, extracted: Extracted) -> list[dict[str, Any]]:
+        """The ops of an extracted batch, once its vectors are there (every batch before it
+        fused first)."""
         started = time.perf_counter()
-        items: list[tuple[Sourced, int, MemoryItem]] = []
+        vectors = extracted.vectors.result()
+        self.seconds["embed"] += time.perf_counter() - started
+        return self._fuse_all(extracted.items, vectors)
+
+    def _extract(self, batch: list[Sourced], after: Extracted | None) -> tuple[list[Item], Said]:
+        """The items of a batch that the fold does not hold yet, and the batch's own turns."""
+        started = time.perf_counter()
+        items: list[Item] = []
         # this batch's turns per session, in turn order (a lookup is a bisection: a batch of a
         # few hundred turns of one session no longer compares each with all before it)
-        own: dict[tuple[str, str], list[tuple[TurnKey, Turn]]] = {}
-        said = {session: list(turns) for session, turns in after.said.items()} if after else {}
+        own: Said = {}
+        # where previous turns are looked up: with an unfused batch before, its turns too
+        said = {session: list(turns) for session, turns in after.said.items()} if after else own
         for source in batch:
             i = source.interaction
             session = (i["cube_id"], i.get("session_id") or "")
@@ -119,33 +146,27 @@ class MemReader:
             extracted = self.extractor.extract(i, self._previous(i, key, said.get(session, [])))
             if extracted:
                 entry = (key, own_words(extracted[0].text))
-                for turns in (own, said):
-                    insort_left(turns.setdefault(session, []), entry, key=itemgetter(0))
+                insort_left(own.setdefault(session, []), entry, key=itemgetter(0))
+                if said is not own:
+                    insort_left(said.setdefault(session, []), entry, key=itemgetter(0))
             items.extend((source, index, item) for index, item in enumerate(extracted))
         todo = [
             (source, index, item)
             for source, index, item in items
             if self.memories.get(self._memory_id(source, index)) is None
         ]
-        if self._embedding is None:
-            self._embedding = ThreadPoolExecutor(1, thread_name_prefix="reader-embed")
-        vectors = self._embedding.submit(self.embedder.encode, [item.text for _, _, item in todo])
         self.seconds["extract"] += time.perf_counter() - started
-        return Extracted(todo, own, vectors)
+        return todo, own
 
-    def fuse(self, extracted: Extracted) -> list[dict[str, Any]]:
-        """The ops of an extracted batch, once its vectors are there (every batch before it
-        fused first); an item whose memory is in the fold by now (the same event again) is done.
-        """
+    def _fuse_all(self, items: list[Item], vectors: np.ndarray) -> list[dict[str, Any]]:
+        """Fuse each item into the fold in order; an item whose memory is in the fold by now
+        (the same event again, in this batch or the unfused one before it) is done."""
         started = time.perf_counter()
-        vectors = extracted.vectors.result()
-        embedded_at = time.perf_counter()
         ops: list[dict[str, Any]] = []
-        for (source, index, item), vector in zip(extracted.items, vectors, strict=True):
+        for (source, index, item), vector in zip(items, vectors, strict=True):
             if self.memories.get(self._memory_id(source, index)) is None:
                 ops.extend(self._fuse(source, index, item, vector))
-        self.seconds["embed"] += embedded_at - started
-        self.seconds["fuse"] += time.perf_counter() - embedded_at
+        self.seconds["fuse"] += time.perf_counter() - started
         return ops
 
     def _previous(
