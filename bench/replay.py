@@ -342,7 +342,7 @@ def _read(settings: Settings) -> tuple[float, list[tuple[int, int, bytes | None,
     the raw messages are kept (in consumed order) for the fold."""
     from confluent_kafka import Message
 
-    from streams.runtime.partitions import read_partitions
+    from streams.transport.follower import read_partitions
 
     codec, topic = Codec(), settings.topic(MEMORY_OPS.name)
     raw: list[tuple[int, int, bytes | None, bytes]] = []
@@ -416,7 +416,7 @@ def _sinks_alone(
     started = time.perf_counter()
     upserted = deleted = 0
     for states, _ in batches:
-        up, gone = milvus.write(states)
+        up, gone = milvus.put(states)
         upserted, deleted = upserted + up, deleted + gone
     milvus.flush()
     seconds = time.perf_counter() - started
@@ -435,7 +435,7 @@ def _sinks_alone(
 
     vault = VaultSink(minio_client(settings), settings.minio_bucket)
     started = time.perf_counter()
-    objects = sum(vault.write(states) for states, _ in batches)
+    objects = sum(vault.put(states) for states, _ in batches)
     seconds = time.perf_counter() - started
     stages["vault_sink"] = _stage(n, seconds, objects=objects,
                                   objects_per_s=_rate(objects, seconds))  # fmt: skip

@@ -24,9 +24,10 @@ from bench.report import write
 from processors.fold import MemoryTable
 from schemas import Codec
 from sinks.stores import minio_client
-from streams.runtime.partitions import read_partitions, restore_partitions
+from streams.runtime.partitions import restore_partitions
 from streams.runtime.snapshots import SnapshotStore, states_of
 from streams.settings import Settings
+from streams.transport.follower import OpReader, fold_partitions
 from streams.transport.producer import EventProducer
 from streams.transport.topics import MEMORY_OPS, ensure_topics
 
@@ -34,11 +35,11 @@ from streams.transport.topics import MEMORY_OPS, ensure_topics
 def _restore_all(settings: Settings, snapshots: SnapshotStore | None) -> tuple[float, int, dict]:
     """Rebuild every partition's fold as a restarted reader does; return (seconds, ops folded
     from the log, the fold)."""
-    codec, topic = Codec(), settings.topic(MEMORY_OPS.name)
+    topic, ops = settings.topic(MEMORY_OPS.name), OpReader(settings)
     table = MemoryTable()
 
     def handle(msg: Message) -> None:
-        table.apply(codec.decode(msg.value(), reader=MEMORY_OPS.record).record)
+        ops.fold(table, msg)
 
     started = time.perf_counter()
     done = restore_partitions(settings, snapshots, topic, list(range(settings.partitions)),
@@ -73,12 +74,8 @@ def run(ops: int = 1_000_000, ops_per_memory: int = 4, tail: int = 10_000) -> di
                     break
         task_s = progress.add_task("snapshotting every partition", total=settings.partitions)
         tables = {p: MemoryTable() for p in range(settings.partitions)}
-
-        def handle(msg: Message) -> None:
-            op = codec.decode(msg.value(), reader=MEMORY_OPS.record).record
-            tables[msg.partition()].apply(op)
-
-        done = read_partitions(settings, topic, dict.fromkeys(tables, 0), handle)
+        done = fold_partitions(settings, OpReader(settings, codec), dict.fromkeys(tables, 0),
+                               tables)  # fmt: skip
         snap_started = time.perf_counter()
         for p, table in tables.items():
             states = states_of(table.memories.values())

@@ -68,7 +68,7 @@ def fill(sink: MilvusSink, searcher: Searcher, texts: list[str], base: np.ndarra
             )
             for i, vector in enumerate(synthetic.vectors(base, start, stop, rng), start)
         ]  # fmt: skip
-        sink.write(states)
+        sink.put(states)
         searcher.apply(states)
         progress.advance(task, len(states))
     sink.flush()

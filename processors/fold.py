@@ -3,11 +3,12 @@
 Every sink, the reader's own view of a cube, replay and time travel call :func:`fold`. It is pure:
 the same ops in the same order always give the same state. Delivery is at-least-once, so an op
 whose version is already applied is a duplicate and changes nothing; an op that skips a version
-is held back by :class:`MemoryTable` until the missing one arrives.
+is held back by :class:`MemoryTable` until the missing one arrives, for a bounded number of ops.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -156,37 +157,105 @@ def _union(old: Iterable[str], new: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*old, *new]))
 
 
+#: How many later ops of its table an op ahead of a version gap waits for the missing version.
+#: The one writer publishes a memory's ops in version order on one partition, so a gap is never
+#: legitimate (an injected op, a writer bug): the wait is short, and then the op is rejected.
+GAP_OPS = 1_000
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """An op the table held back and then refused: its gap was never filled in time, or it
+    did not apply once it was. ``position`` is where the caller read it (its log offset)."""
+
+    op: dict[str, Any]
+    position: int | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Held:
+    op: dict[str, Any]
+    position: int | None
+    since: int  # the table's op count when it was held
+
+
 class MemoryTable:
     """Memories of many cubes, folded from ops delivered at least once and maybe out of order.
 
-    Ops ahead of their memory's next version wait in ``pending`` until the gap is filled.
-    ``seen`` holds every applied op's event id, so callers can tell "already done" in O(1).
+    Ops ahead of their memory's next version wait in ``pending`` until the gap is filled, for at
+    most ``gap_ops`` later ops (or until :meth:`release_pending`); then they are rejected. An op
+    that fills a gap is applied whatever its held successors do: a successor that does not apply
+    is rejected on its own. Rejected ops collect in ``rejected`` (bounded; the views drain it
+    into the dead-letter topic, other folds just skip them). ``seen`` holds every applied op's
+    event id, so callers can tell "already done" in O(1).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, gap_ops: int = GAP_OPS) -> None:
         self.memories: dict[str, Memory] = {}
-        self.pending: dict[str, dict[int, dict[str, Any]]] = {}
+        self.pending: dict[str, dict[int, _Held]] = {}
         self.seen: set[str] = set()
+        self.rejected: deque[Rejected] = deque(maxlen=100_000)
+        self.gap_ops = gap_ops
+        self._ops = 0
 
-    def apply(self, op: dict[str, Any]) -> list[Memory]:
-        """Fold ``op`` (and any held-back successors); return the states that changed."""
+    def apply(self, op: dict[str, Any], position: int | None = None) -> list[Memory]:
+        """Fold ``op`` (and any held-back successors); return the states that changed.
+
+        Raises :class:`FoldError` when ``op`` itself cannot apply; ``position`` (its offset) is
+        kept with it if it has to wait for a gap.
+        """
+        self._ops += 1
+        if self.pending:
+            self._expire()
         memory_id = op["memory_id"]
         try:
             state = fold(self.memories.get(memory_id), op)
         except VersionGap:
-            self.pending.setdefault(memory_id, {})[op["version"]] = op
+            self.pending.setdefault(memory_id, {})[op["version"]] = _Held(op, position, self._ops)
             return []
         if state is self.memories.get(memory_id):
             return []
         changed = [self._set(state, op["event_id"])]
         waiting = self.pending.get(memory_id, {})
         while state.version + 1 in waiting:
-            nxt = waiting.pop(state.version + 1)
-            state = fold(state, nxt)
-            changed.append(self._set(state, nxt["event_id"]))
+            held = waiting.pop(state.version + 1)
+            try:
+                state = fold(state, held.op)
+            except FoldError as exc:
+                self.rejected.append(Rejected(held.op, held.position, str(exc)))
+                break
+            changed.append(self._set(state, held.op["event_id"]))
+        for version in [v for v in waiting if v <= state.version]:  # duplicates of applied ones
+            del waiting[version]
         if not waiting:
             self.pending.pop(memory_id, None)
         return changed
+
+    def holds(self, op: dict[str, Any]) -> bool:
+        """Whether ``op`` waits in ``pending`` for the version before it."""
+        held = self.pending.get(op["memory_id"], {}).get(op["version"])
+        return held is not None and held.op["event_id"] == op["event_id"]
+
+    def release_pending(self, reason: str = "its version gap was never filled") -> int:
+        """Reject every held op now (the log went quiet with the gap still open)."""
+        count = 0
+        for memory_id in list(self.pending):
+            for held in self.pending.pop(memory_id).values():
+                self.rejected.append(Rejected(held.op, held.position, _gap_reason(held, reason)))
+                count += 1
+        return count
+
+    def _expire(self) -> None:
+        limit = self._ops - self.gap_ops
+        for memory_id in list(self.pending):
+            waiting = self.pending[memory_id]
+            for version in [v for v, h in waiting.items() if h.since <= limit]:
+                held = waiting.pop(version)
+                reason = f"its version gap was not filled within {self.gap_ops} ops"
+                self.rejected.append(Rejected(held.op, held.position, _gap_reason(held, reason)))
+            if not waiting:
+                del self.pending[memory_id]
 
     def _set(self, state: Memory, event_id: str) -> Memory:
         self.memories[state.memory_id] = state
@@ -212,3 +281,8 @@ class MemoryTable:
 
     def in_cube(self, cube_id: str) -> Iterator[Memory]:
         return (m for m in self.memories.values() if m.cube_id == cube_id)
+
+
+def _gap_reason(held: _Held, why: str) -> str:
+    op = held.op
+    return f"{op['memory_id']}: v{op['version']} of {op['op']} held back, but {why}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import re
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 
 from processors.extract import own_words
-from processors.fold import Memory, MemoryTable
+from processors.fold import Memory, MemoryTable, Rejected
 from processors.ops import embedding_vector
 
 Decision = Literal["ADD", "MERGE", "UPDATE"]
@@ -87,10 +88,15 @@ class CubeMemories:
         self._turns: dict[tuple[str, str], list[TurnKey]] = {}
         self.lock = threading.RLock()
 
-    def apply(self, op: dict[str, Any]) -> list[Memory]:
+    @property
+    def rejected(self) -> deque[Rejected]:
+        """Ops the fold held back for a version gap and then refused (see MemoryTable)."""
+        return self.table.rejected
+
+    def apply(self, op: dict[str, Any], position: int | None = None) -> list[Memory]:
         """Fold one op and keep the indexes in step; return the memories that changed."""
         with self.lock:
-            changed = self.table.apply(op)
+            changed = self.table.apply(op, position)
             for memory in changed:
                 self._index(memory)
             return changed

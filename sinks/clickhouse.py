@@ -12,11 +12,12 @@ over, so audit SQL never names a generation.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
 from processors.ops import payload_of
+from sinks.contract import Batch, Refused, write_isolating
 from streams.transport.consumer import Event
 
 OPS_TABLE_DDL = """
@@ -161,6 +162,27 @@ class ClickHouseSink:
     def drop(self) -> None:
         """Drop this generation's ops table (a retired generation, after the switch)."""
         self.client.command(f"DROP TABLE IF EXISTS {self.ops_table}")
+
+    name = "clickhouse"
+
+    def write(self, batch: Batch) -> list[Refused]:
+        """The sink contract (:mod:`sinks.contract`): the batch's ops into this generation's
+        table, an op ClickHouse (or the row's encoding) refuses returned with the reason."""
+        return self.write_isolating(batch.ops, self.write_ops)
+
+    def write_isolating(
+        self, events: Sequence[Event], write: Callable[[Sequence[Event]], int]
+    ) -> list[Refused]:
+        """``write`` (one of the ``write_*`` inserts) under the sink contract, rows keyed by
+        their event id."""
+        return write_isolating(self.name, events, write, lambda e: e.value["event_id"],
+                               self._alive)  # fmt: skip
+
+    def flush(self) -> None:
+        """An insert is durable once it returned."""
+
+    def _alive(self) -> bool:
+        return self.client.command("SELECT 1") == 1
 
     def write_ops(self, events: Sequence[Event]) -> int:
         rows = []

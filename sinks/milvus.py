@@ -16,6 +16,7 @@ from pymilvus import DataType, MilvusClient
 from processors.embedder import DIM
 from processors.fold import Memory
 from processors.ops import embedding_vector
+from sinks.contract import Batch, Refused, write_isolating
 
 COLLECTION = "memories"
 #: The name other readers of the view use: an alias of the current generation's collection,
@@ -131,7 +132,18 @@ class MilvusSink:
         """Drop the collection (a retired generation's, after the switch)."""
         self.client.drop_collection(self.collection)
 
-    def write(self, memories: Iterable[Memory]) -> tuple[int, int]:
+    name = "milvus"
+
+    def write(self, batch: Batch) -> list[Refused]:
+        """The sink contract (:mod:`sinks.contract`): the batch's plaintext states, a state
+        Milvus refuses (a field over its length) returned with the reason."""
+        states = [m for m in batch.states if m.memory_type == "PLAINTEXT"]
+        return write_isolating(self.name, states, self.put, lambda m: m.memory_id, self._alive)
+
+    def _alive(self) -> bool:
+        return bool(self.client.has_collection(self.collection))
+
+    def put(self, memories: Iterable[Memory]) -> tuple[int, int]:
         """Upsert the searchable states, delete the others; return (upserted, deleted)."""
         latest = {m.memory_id: m for m in memories if m.memory_type == "PLAINTEXT"}
         rows = [self._row(m) for m in latest.values() if m.searchable]

@@ -17,6 +17,7 @@ from typing import Any
 from minio import Minio
 
 from processors.fold import Memory
+from sinks.contract import Batch, Refused, write_isolating
 
 
 def vault_key(memory: Memory) -> str:
@@ -32,11 +33,25 @@ def _encode(value: Any) -> Any:
 
 
 class VaultSink:
+    name = "vault"
+
     def __init__(self, client: Minio, bucket: str) -> None:
         self.client = client
         self.bucket = bucket
 
-    def write(self, memories: Iterable[Memory]) -> int:
+    def write(self, batch: Batch) -> list[Refused]:
+        """The sink contract (:mod:`sinks.contract`): the batch's archived states, one MinIO
+        refuses (a key it cannot name) returned with the reason."""
+        archived = [m for m in batch.states if m.status == "archived"]
+        return write_isolating(self.name, archived, self.put, lambda m: m.memory_id, self._alive)
+
+    def flush(self) -> None:
+        """Every object is durable once its put returned."""
+
+    def _alive(self) -> bool:
+        return bool(self.client.bucket_exists(self.bucket))
+
+    def put(self, memories: Iterable[Memory]) -> int:
         """Store every archived memory's state; idempotent (same key, same content)."""
         count = 0
         for memory in memories:

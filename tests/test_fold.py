@@ -171,3 +171,45 @@ def test_any_delivery_order_with_duplicates_gives_the_in_order_state() -> None:
         for o in delivery:
             table.apply(o)
         assert table.get("m1") == expected
+
+
+def test_an_op_that_fills_a_gap_applies_whatever_its_held_successor_does() -> None:
+    """A bad op ahead of a gap (injected, or a writer bug) and then the legitimate op that fills
+    the gap: the legitimate one applies, the bad one alone is rejected with its position."""
+    table = MemoryTable()
+    table.apply(op("ADD", 1, "Caroline lives in Boston."), position=0)
+    assert table.apply(op("UPDATE", 3, "planted"), position=1) == []
+    assert table.pending
+    changed = table.apply(op("DELETE", 2), position=2)
+    assert [m.status for m in changed] == ["deleted"]
+    assert table.get("m1").status == "deleted" and table.get("m1").version == 2
+    assert not table.pending
+    [rejected] = table.rejected
+    assert rejected.op["op"] == "UPDATE" and rejected.position == 1
+    assert "not allowed on a deleted memory" in rejected.reason
+
+
+def test_a_gap_that_is_never_filled_releases_its_op_after_a_bounded_wait() -> None:
+    table = MemoryTable(gap_ops=5)
+    table.apply(op("ADD", 1, "Caroline lives in Boston."), position=0)
+    table.apply(op("UPDATE", 4, "planted"), position=1)
+    for i in range(4):  # other memories' ops: the held op waits
+        table.apply({**op("ADD", 1, f"fact {i}"), "memory_id": f"o{i}", "event_id": f"o{i}"})
+    assert table.pending and not table.rejected
+    table.apply({**op("ADD", 1, "fact 5"), "memory_id": "o5", "event_id": "o5"})
+    assert not table.pending  # a snapshot waits for no held op any more
+    [rejected] = table.rejected
+    assert rejected.position == 1 and "within 5 ops" in rejected.reason
+    # The version it skipped still applies when it comes.
+    assert [m.version for m in table.apply(op("UPDATE", 2, "Caroline lives in Lisbon."))] == [2]
+
+
+def test_release_pending_rejects_every_held_op() -> None:
+    table = MemoryTable()
+    table.apply(op("ADD", 1, "Caroline lives in Boston."))
+    table.apply(op("UPDATE", 3, "a"), position=7)
+    table.apply(op("UPDATE", 4, "b"), position=8)
+    assert table.release_pending("quiet") == 2
+    assert not table.pending
+    assert sorted(r.position for r in table.rejected) == [7, 8]
+    assert table.get("m1").version == 1

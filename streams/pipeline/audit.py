@@ -9,7 +9,7 @@ from schemas import Codec
 from streams.pipeline.build import Stores
 from streams.runtime.processor import Processor
 from streams.settings import Settings
-from streams.transport.consumer import EventConsumer
+from streams.transport.consumer import Event, EventConsumer, dead_letter_bytes
 from streams.transport.producer import EventProducer
 from streams.transport.topics import COMMAND_RESULTS, QUERIES
 
@@ -26,7 +26,7 @@ class AuditProcessor(Processor):
         self.settings = settings
         self.stores = stores
         self.codec = codec or Codec()
-        self.counters = {"queries": 0, "command_results": 0}
+        self.counters = {"queries": 0, "command_results": 0, "refused_rows": 0}
 
     def open(self) -> None:
         s = self.settings
@@ -57,11 +57,24 @@ class AuditProcessor(Processor):
             return
         queries = [e for e in batch if e.topic == self._queries_topic]
         results = [e for e in batch if e.topic != self._queries_topic]
+        # The sink contract (sinks/contract.py): a row ClickHouse refuses is dead-lettered, not
+        # the batch around it; a store that is down raises before anything is committed.
+        clickhouse = self.stores.clickhouse
         with self.stores.lock:
-            if queries:
-                self.stores.clickhouse.write_queries(queries)
-            if results:
-                self.stores.clickhouse.write_command_results(results)
+            refused = clickhouse.write_isolating(queries, clickhouse.write_queries)
+            refused += clickhouse.write_isolating(results, clickhouse.write_command_results)
+        by_id = {e.value["event_id"]: e for e in batch}
+        for r in refused:
+            self._dead_letter(by_id[r.key], f"{r.sink} refused the row: {r.reason}")
         self.counters["queries"] += len(queries)
         self.counters["command_results"] += len(results)
         self._consumer.commit()
+
+    def _dead_letter(self, event: Event, reason: str) -> None:
+        dead_letter_bytes(
+            self._dlq, self.settings, topic=event.topic, partition=event.partition,
+            offset=event.offset, key=event.key,
+            value=self.codec.encode(event.record_name, event.value), error_type="Refused",
+            reason=reason, worker=f"audit/{self.settings.worker_id}",
+        )  # fmt: skip
+        self.counters["refused_rows"] += 1

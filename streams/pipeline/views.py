@@ -4,9 +4,12 @@ tables (ClickHouse) and the search working set, for the partitions this worker o
 It consumes ``memory-ops`` in the ``views`` group. On assignment it starts each new partition's
 fold from the latest fold snapshot (or offset 0) and reads from there: ops before the group's
 committed offset are folded only (the stores have them), later ones are written too. Poison ops
-(undecodable, or refused by the fold) go to the dead-letter topic with their coordinates and the
-fold carries on. Every ``snapshot_every`` ops of a partition it writes a fold snapshot, which
-bounds the restart time of every worker (readers included).
+(undecodable, refused by the fold, held back by a version gap that is never filled, or refused by
+a store) go to the dead-letter topic with their coordinates and reason, and the partition
+carries on. The stores follow the sink contract (:mod:`sinks.contract`): a position is committed
+only once every sink has written (or dead-lettered) every op before it, so a store that fails
+mid-batch leaves the batch to be written again. Every ``snapshot_every`` ops of a partition it
+writes a fold snapshot, which bounds the restart time of every worker (readers included).
 
 Each instance builds one view generation (:mod:`streams.runtime.generations`): its own consumer
 group, collection and ops table, and it folds only the ops of that generation's extraction. A
@@ -28,14 +31,16 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from processors.fold import FoldError, Memory, MemoryTable
-from schemas import Codec, DecodeError
+from processors.fold import Memory, MemoryTable
+from schemas import Codec
+from sinks.contract import Batch, Refused
 from streams.pipeline.build import Stores
 from streams.runtime.generations import Generation
 from streams.runtime.processor import Processor
 from streams.runtime.snapshots import SnapshotStore, states_of
 from streams.settings import Settings
-from streams.transport.consumer import Event, dead_letter, raise_if_fatal
+from streams.transport.consumer import Event, raise_if_fatal
+from streams.transport.follower import OpReader
 from streams.transport.producer import EventProducer
 from streams.transport.topics import MEMORY_OPS, partition_for, retry_kafka
 
@@ -67,15 +72,17 @@ class ViewsProcessor(Processor):
         self.ends: dict[int, int] = {}
         self.highs: dict[int, int] = {}
         self.positions: dict[int, int] = {}
+        self.done: dict[int, int] = {}
+        # Ops held back by a version gap: recorded in the stores only once they apply.
+        self._held: dict[str, tuple[Event, Message]] = {}
         self.since_snapshot: dict[int, int] = {}
         self.folded: dict[int, int] = {}
         self._revoked: set[int] = set()
         self._assigned_once = False
         self._snapshotting: threading.Thread | None = None
         self._busy_at = time.monotonic()
-        self.counters = {"ops_folded": 0, "ops_written": 0, "dead_lettered": 0, "snapshots": 0,
-                         "snapshot_loads": 0, "other_generation": 0,
-                         "milvus_flushes": 0}  # fmt: skip
+        self.counters = {"ops_folded": 0, "ops_written": 0, "snapshots": 0, "snapshot_loads": 0,
+                         "milvus_flushes": 0, "refused_rows": 0}  # fmt: skip
 
     def owns(self, cube_id: str) -> bool:
         """Whether this worker follows the cube's ops (its partition is assigned here)."""
@@ -89,6 +96,8 @@ class ViewsProcessor(Processor):
         self.topic = s.topic(MEMORY_OPS.name)
         self.snapshot_key = self.generation.snapshot_key(self.topic)
         self._dlq = EventProducer(s, self.codec)
+        self._ops = OpReader(s, self.codec, generation=self.generation.ops,
+                             dead_letters=self._dlq, worker=f"views/{s.worker_id}")  # fmt: skip
         self._consumer = Consumer(
             {
                 "bootstrap.servers": s.kafka_bootstrap,
@@ -125,7 +134,10 @@ class ViewsProcessor(Processor):
         )
 
     def stats(self) -> dict[str, Any]:
+        ops = getattr(self, "_ops", None)
         return {**self.counters, "partitions": sorted(self.folds),
+                "dead_lettered": ops.poisoned if ops else 0,
+                "other_generation": ops.other_generation if ops else 0,
                 "memories": sum(len(t.memories) for t in self.folds.values()),
                 "generation": self.generation.id, "ops_generation": self.generation.ops,
                 "offset": sum(self.positions.values()),
@@ -192,7 +204,7 @@ class ViewsProcessor(Processor):
         n = self.settings.partitions
         for p in partitions:
             self.folds.pop(p, None)
-            for d in (self.write_from, self.ends, self.highs, self.positions,
+            for d in (self.write_from, self.ends, self.highs, self.positions, self.done,
                       self.since_snapshot, self.folded):  # fmt: skip
                 d.pop(p, None)
         # The working set keeps what was searchable; a cube whose partition moved is read back
@@ -205,7 +217,9 @@ class ViewsProcessor(Processor):
     def step(self) -> None:
         first = self._consumer.poll(0.2)
         if first is None:
+            self._mark_done()  # the fetch position may have stepped over transaction markers
             if time.monotonic() - self._busy_at >= self.settings.views_quiet_flush_s:
+                self._release_gaps()
                 self._flush()  # commits too
             else:
                 self._commit()
@@ -213,6 +227,7 @@ class ViewsProcessor(Processor):
         self._busy_at = time.monotonic()
         messages = [first, *self._consumer.consume(1999, 0)]
         to_write: list[Event] = []
+        raw: dict[tuple[int, int], Message] = {}
         changed: dict[str, Memory] = {}
         for msg in messages:
             if msg.error() is not None:
@@ -222,65 +237,97 @@ class ViewsProcessor(Processor):
             table = self.folds.get(p)
             if table is None:
                 continue  # revoked while fetched
-            event = self._decode(msg)
-            if event is None:
+            folded = self._ops.fold(table, msg)  # poison: dead-lettered, the partition goes on
+            if folded is None:
                 continue
-            if event.value.get("generation", 0) != self.generation.ops:
-                self.counters["other_generation"] += 1  # another extraction's view has it
-                continue
-            try:
-                for state in table.apply(event.value):
-                    changed[state.memory_id] = state
-            except FoldError as exc:
-                self._dead_letter(msg, "FoldError", str(exc))
-                continue
+            event, states = folded
             self.counters["ops_folded"] += 1
             self.folded[p] = self.folded.get(p, 0) + 1
             self.since_snapshot[p] = self.since_snapshot.get(p, 0) + 1
-            if msg.offset() >= self.write_from.get(p, 0):
-                to_write.append(event)
+            if msg.offset() < self.write_from.get(p, 0):
+                applied = []
+            elif table.holds(event.value):
+                self._held[event.value["event_id"]] = (event, msg)
+                applied = []
+            else:
+                applied = [(event, msg)]
+            for state in states:
+                changed[state.memory_id] = state
+                if state.last_event_id in self._held:  # a held op applied with this one
+                    applied.append(self._held.pop(state.last_event_id))
+            for e, m in applied:
+                to_write.append(e)
+                raw[(e.partition, e.offset)] = m
+        self._held = {k: v for k, v in self._held.items() if self._holds(v[0])}
         states = list(changed.values())
         if to_write:
             touched = {e.value["memory_id"] for e in to_write}
-            with self.stores.lock:
-                self.stores.milvus.write([m for m in states if m.memory_id in touched])
-                self.stores.vault.write([m for m in states if m.memory_id in touched])
-                self.stores.clickhouse.write_ops(to_write)
+            batch = Batch(to_write, [m for m in states if m.memory_id in touched])
+            self._refused(self._write(batch), batch, raw)
             self.counters["ops_written"] += len(to_write)
         # Every folded state goes to the working set, replayed ones too (it is built from the
         # fold); the stores get those of ops not yet written.
         self.stores.searcher.apply(states)
+        self._mark_done()
         self._commit()
         self._maybe_snapshot()
 
-    def _decode(self, msg: Message) -> Event | None:
-        try:
-            decoded = self.codec.decode(msg.value(), reader=MEMORY_OPS.record)
-        except DecodeError as exc:
-            self._dead_letter(msg, "DecodeError", exc.reason)
-            return None
-        return Event(msg.topic(), msg.partition(), msg.offset(), msg.key(), decoded.name,
-                     decoded.writer_version, decoded.record, msg.timestamp()[1])  # fmt: skip
+    def _holds(self, event: Event) -> bool:
+        """Whether the op still waits for a gap (not applied, not refused, partition kept)."""
+        table = self.folds.get(event.partition)
+        return table is not None and table.holds(event.value)
 
-    def _dead_letter(self, msg: Message, kind: str, reason: str) -> None:
-        log.warning("dead-lettering op at %s/%d@%d: %s", msg.topic(), msg.partition(),
-                    msg.offset(), reason)  # fmt: skip
-        dead_letter(self._dlq, self.settings, msg, kind, reason, f"views/{self.settings.worker_id}")
-        self.counters["dead_lettered"] += 1
+    def _write(self, batch: Batch) -> list[Refused]:
+        """Every sink writes the batch (an exception here leaves the position uncommitted)."""
+        refused: list[Refused] = []
+        with self.stores.lock:
+            for sink in (self.stores.milvus, self.stores.vault, self.stores.clickhouse):
+                refused.extend(sink.write(batch))
+        return refused
 
-    def _commit(self) -> None:
-        """Commit the fetch position of every owned partition that moved (it steps over
-        transaction markers, unlike last offset + 1)."""
+    def _refused(
+        self, refused: list[Refused], batch: Batch, raw: dict[tuple[int, int], Message]
+    ) -> None:
+        """Dead-letter the ops behind each refused row: the op itself (an audit row), or every
+        op of the batch on the memory (a state row)."""
+        for r in refused:
+            log.warning("views: %s refused %s: %s", r.sink, r.key, r.reason)
+            self.counters["refused_rows"] += 1
+            for e in batch.ops:
+                if r.key in (e.value["event_id"], e.value["memory_id"]):
+                    msg = raw[(e.partition, e.offset)]
+                    self._ops.poison(msg, "Refused", f"{r.sink} refused the row: {r.reason}")
+
+    def _release_gaps(self) -> None:
+        """The log went quiet with ops still waiting for a version: they wait no longer."""
+        for p, table in list(self.folds.items()):
+            if table.pending:
+                table.release_pending("the log went quiet before the missing version arrived")
+                self._ops.rejected(table, p)
+
+    def _mark_done(self) -> None:
+        """Take the fetch position of every owned partition as done: called only once every
+        message before it was folded and written by every sink, or dead-lettered. (The fetch
+        position steps over transaction markers, unlike last offset + 1.)"""
         assignment = [TopicPartition(self.topic, p) for p in self.folds]
         if not assignment:
             return
-        moved = []
         for tp in self._consumer.position(assignment):
-            if tp.offset >= 0 and tp.offset > self.positions.get(tp.partition, 0):
-                moved.append(TopicPartition(self.topic, tp.partition, tp.offset))
+            if tp.offset >= 0 and tp.partition in self.folds:
+                self.done[tp.partition] = max(self.done.get(tp.partition, 0), tp.offset)
             _, high = self._consumer.get_watermark_offsets(tp, cached=True)
             if high >= 0:
                 self.highs[tp.partition] = high
+
+    def _commit(self) -> None:
+        """Commit what :meth:`_mark_done` took as done, never the fetch position itself: a
+        step that failed half-way (a store down) leaves its batch to be read again, also when
+        the consumer's close revokes the partitions on the way out."""
+        moved = [
+            TopicPartition(self.topic, p, offset)
+            for p, offset in self.done.items()
+            if p in self.folds and offset > self.positions.get(p, 0)
+        ]
         if moved:
             self._consumer.commit(offsets=moved, asynchronous=False)
             for tp in moved:

@@ -18,14 +18,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
-from processors.fold import FoldError, Memory, MemoryTable
-from schemas import Codec, DecodeError
+from processors.fold import Memory, MemoryTable
+from schemas import Codec
 from streams.runtime.generations import Generation
-from streams.runtime.partitions import read_partitions
 from streams.runtime.snapshots import SnapshotStore
 from streams.settings import Settings
+from streams.transport.follower import OpReader, fold_partitions
 from streams.transport.topics import MEMORY_OPS, partition_for, retry_kafka
 
 Point = datetime | int
@@ -85,7 +85,7 @@ def fold_until(
     codec: Codec | None = None,
 ) -> PastView:
     """The fold of ``generation``'s ops up to ``at``: of one cube (its partition only), or of
-    every cube. Poison ops are skipped, as the views do (they dead-letter them)."""
+    every cube, through the follower (poison ops are skipped; the views dead-letter them)."""
     generation = generation or Generation()
     codec = codec or Codec()
     topic = settings.topic(MEMORY_OPS.name)
@@ -95,7 +95,6 @@ def fold_until(
         else list(range(settings.partitions))
     )
     offsets = offsets_at(settings, partitions, at)
-    wanted = cube_id.encode() if cube_id is not None else None
     tables = {p: MemoryTable() for p in partitions}
     starts = {}
     for p in partitions:
@@ -109,17 +108,8 @@ def fold_until(
             tables[p].load(m for m in snapshot.states if cube_id is None or m.cube_id == cube_id)
             starts[p] = snapshot.next_offset
 
-    def handle(msg: Message) -> None:
-        if wanted is not None and msg.key() != wanted:
-            return
-        try:
-            op = codec.decode(msg.value(), reader=MEMORY_OPS.record).record
-            if op["generation"] == generation.ops:
-                tables[msg.partition()].apply(op)
-        except (DecodeError, FoldError):
-            pass
-
-    read_partitions(settings, topic, starts, handle, until=offsets)
+    ops = OpReader(settings, codec, generation=generation.ops, cube=cube_id)
+    fold_partitions(settings, ops, starts, tables, until=offsets)
     memories = [m for t in tables.values() for m in t.memories.values()]
     if cube_id is not None:
         memories = [m for m in memories if m.cube_id == cube_id]

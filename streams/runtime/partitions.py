@@ -1,120 +1,19 @@
-"""Reading one partition of the op log from an offset to its end: how a worker catches its fold
-up for a partition it was just given, before it handles anything on it.
-
-"The end" is the last stable offset: this consumer reads committed transactions only, so an op
-of a transaction still open (a writer that died mid-batch, aborted when its transaction times
-out) is neither folded nor waited for.
+"""Restoring a partition's fold: its latest snapshot, then the log's tail through the follower
+(:mod:`streams.transport.follower`). How a worker catches its fold up for a partition it was
+just given, before it handles anything on it.
 """
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from confluent_kafka import (
-    OFFSET_BEGINNING,
-    Consumer,
-    KafkaError,
-    Message,
-    TopicPartition,
-)
+from confluent_kafka import Message
 
 from processors.fold import Memory
 from streams.runtime.snapshots import SnapshotStore
 from streams.settings import Settings
-from streams.transport.consumer import raise_if_fatal
-from streams.transport.topics import retry_kafka
-
-
-@dataclass(frozen=True)
-class CaughtUp:
-    """Where a catch-up ended: the next offset to read and how many messages it folded."""
-
-    next_offset: int
-    messages: int
-    seconds: float
-
-
-def read_partition(
-    settings: Settings,
-    topic: str,
-    partition: int,
-    start: int,
-    handle: Callable[[Message], None],
-) -> CaughtUp:
-    """Hand every committed message of ``topic``/``partition`` from ``start`` up to the end of
-    the log (as it is when the call begins) to ``handle``, in order."""
-    return read_partitions(settings, topic, {partition: start}, handle)[partition]
-
-
-def read_partitions(
-    settings: Settings,
-    topic: str,
-    starts: dict[int, int],
-    handle: Callable[[Message], None],
-    batch: int = 5000,
-    until: dict[int, int] | None = None,
-) -> dict[int, CaughtUp]:
-    """:func:`read_partition` for several partitions at once, with one consumer (each
-    partition's messages in order; a worker given six partitions fetches them together).
-    ``until`` stops a partition before that offset instead (time travel: the log as it was)."""
-    began = time.monotonic()
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": settings.group(f"catch-up-{uuid.uuid4().hex[:8]}"),
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-            "fetch.max.bytes": 64 * 1024 * 1024,
-            "queued.max.messages.kbytes": 256 * 1024,
-        }
-    )
-    try:
-        ends = {
-            p: retry_kafka(
-                lambda p=p: consumer.get_watermark_offsets(TopicPartition(topic, p), 30)
-            )[1]
-            for p in starts
-        }
-        for p, stop in (until or {}).items():
-            ends[p] = min(ends[p], stop)
-        positions = {p: max(start, 0) for p, start in starts.items()}
-        counts = dict.fromkeys(starts, 0)
-        todo = {p for p in starts if ends[p] > positions[p]}
-        if todo:
-            consumer.assign([TopicPartition(topic, p, positions[p] or OFFSET_BEGINNING)
-                             for p in sorted(todo)])  # fmt: skip
-        while todo:
-            for msg in consumer.consume(batch, 0.2):
-                p = msg.partition()
-                if msg.error() is not None:
-                    if msg.error().code() == KafkaError._PARTITION_EOF:
-                        todo.discard(p)  # at the last stable offset: nothing more to fold
-                    else:
-                        raise_if_fatal(msg.error())
-                    continue
-                if p not in todo or msg.offset() >= ends[p]:
-                    todo.discard(p)
-                    continue
-                handle(msg)
-                counts[p] += 1
-                if msg.offset() + 1 >= ends[p]:
-                    todo.discard(p)
-            # The fetch position steps over transaction markers, unlike last offset + 1.
-            for tp in consumer.position([TopicPartition(topic, p) for p in starts]):
-                if tp.offset >= 0:
-                    positions[tp.partition] = min(
-                        max(positions[tp.partition], tp.offset), ends[tp.partition]
-                    )
-                    if tp.offset >= ends[tp.partition]:
-                        todo.discard(tp.partition)
-        seconds = time.monotonic() - began
-        return {p: CaughtUp(positions[p], counts[p], seconds) for p in starts}
-    finally:
-        consumer.close()
+from streams.transport.follower import CaughtUp, read_partition, read_partitions
 
 
 @dataclass(frozen=True)

@@ -41,9 +41,9 @@ from processors.commands import import_command, payload_branch
 from schemas import Codec, DecodeError
 from schemas.codec import SCHEMA_DIR, schema_fingerprint
 from sinks.stores import minio_client
-from streams.runtime.partitions import read_partition
 from streams.settings import Settings
 from streams.transport.consumer import raise_if_fatal
+from streams.transport.follower import OpReader, read_partition
 from streams.transport.producer import EventProducer, PublishError
 from streams.transport.topics import (
     COMMAND_RESULTS,
@@ -158,26 +158,20 @@ def read_cube_ops(
     settings: Settings, cube: str, generation: int | None = None, progress: Progress = _quiet
 ) -> list[dict[str, Any]]:
     """The cube's ops in log order: its partition of memory-ops, committed transactions only,
-    ops keyed by (and of) the cube, of ``generation`` if given (else all). An op the codec
-    cannot read is skipped, as the writer's fold skips it."""
+    ops keyed by (and of) the cube, of ``generation`` if given (else all), through the follower
+    (an op the codec cannot read is skipped, as every fold skips it)."""
     topic = settings.topic(MEMORY_OPS.name)
     partition = partition_for(cube, settings.partitions)
     end = _high_watermark(settings, topic, partition)
-    codec, key, ops, seen = Codec(), cube.encode(), [], set()
+    reader, ops, seen = OpReader(settings, cube=cube, generation=generation), [], set()
     progress("reading ops", 0, end)
 
     def handle(msg: Message) -> None:
         progress("reading ops", msg.offset() + 1, end)
-        if msg.key() != key:
+        event = reader.event(msg)
+        if event is None or event.value["event_id"] in seen:
             return
-        try:
-            op = codec.decode(msg.value(), reader=MEMORY_OPS.record).record
-        except DecodeError:
-            return
-        if op["cube_id"] != cube or op["event_id"] in seen:
-            return
-        if generation is not None and op.get("generation", 0) != generation:
-            return
+        op = event.value
         seen.add(op["event_id"])
         ops.append(op)
 

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import OFFSET_END, Consumer, Message, TopicPartition
+from confluent_kafka import OFFSET_END, Consumer, TopicPartition
 
-from schemas import Codec, DecodeError
 from streams.settings import Settings
 from streams.transport.consumer import raise_if_fatal
+from streams.transport.follower import OpReader
 from streams.transport.topics import MEMORY_OPS, partition_for, retry_kafka
 
 log = logging.getLogger("memstream.updates")
@@ -179,8 +179,7 @@ class CubeReader:
     ) -> None:
         self.settings = settings or Settings()
         self.cube_id = cube_id
-        self._key = cube_id.encode()
-        self._codec = Codec()
+        self._ops = OpReader(self.settings, cube=cube_id)
         self._tp = TopicPartition(
             self.settings.topic(MEMORY_OPS.name), partition_for(cube_id, self.settings.partitions)
         )
@@ -256,20 +255,13 @@ class CubeReader:
             if msg.error() is not None:
                 raise_if_fatal(msg.error())
                 continue
-            if msg.key() != self._key:
+            event = self._ops.event(msg)  # the follower's map and poison policy
+            if event is None:
                 continue
-            update = self._decode(msg)
-            if update is not None and self.dedup.fresh(update.raw):
+            update = update_of(event.value, msg.partition(), msg.offset(), msg.timestamp()[1])
+            if self.dedup.fresh(update.raw):
                 updates.append(update)
         return updates
-
-    def _decode(self, msg: Message) -> MemoryUpdate | None:
-        try:
-            op = self._codec.decode(msg.value(), reader=MEMORY_OPS.record).record
-        except DecodeError as exc:  # the views processor dead-letters it; a reader moves on
-            log.warning("skipping undecodable op at %s:%s: %s", msg.partition(), msg.offset(), exc)
-            return None
-        return update_of(op, msg.partition(), msg.offset(), msg.timestamp()[1])
 
     def commit(self, next_offset: int, asynchronous: bool = False) -> None:
         """Commit the group's position: the offset after the last update handed out."""

@@ -147,7 +147,7 @@ def test_the_view_on_a_server_is_a_server_collection_with_autoindex(
     assert fields == {*OUTPUT_FIELDS, "vector"}
 
     cube = f"{RUN}-reopen"
-    sink.write(added(cube, unit_vectors(3, seed=4)))
+    sink.put(added(cube, unit_vectors(3, seed=4)))
     reopened = milvus_view(server_settings)  # another process's view: the collection as it is
     assert reopened.count(f'cube_id == "{cube}"') == 3
     assert reopened.client.describe_index(COLLECTION, "vector")["index_type"] == "AUTOINDEX"
@@ -157,10 +157,10 @@ def test_the_view_on_a_server_is_a_server_collection_with_autoindex(
 def test_write_upserts_the_searchable_and_deletes_the_rest(sink: MilvusSink) -> None:
     cube = f"{RUN}-writes"
     first = added(cube, unit_vectors(12, seed=1))
-    assert sink.write(first) == (12, 0)
+    assert sink.put(first) == (12, 0)
     assert sink.count(f'cube_id == "{cube}"') == 12  # read at once: Strong, not Bounded
     assert_rows_equal(read_back(sink, cube), first)
-    assert sink.write(first) == (12, 0)  # a redelivered batch changes nothing
+    assert sink.put(first) == (12, 0)  # a redelivered batch changes nothing
     assert sink.count(f'cube_id == "{cube}"') == 12
 
     later = T0 + timedelta(days=50)
@@ -179,7 +179,7 @@ def test_write_upserts_the_searchable_and_deletes_the_rest(sink: MilvusSink) -> 
                         tags=first[7].tags, valid_from=first[7].valid_from, valid_to=later),
     )  # fmt: skip
     assert (merged.status, expired.status, closed.valid_to) == ("merged", "expired", later)
-    assert sink.write([merged, expired, closed, successor]) == (2, 2)
+    assert sink.put([merged, expired, closed, successor]) == (2, 2)
 
     current = [m for m in first if m.memory_id not in {merged.memory_id, expired.memory_id}]
     current = [closed if m.memory_id == closed.memory_id else m for m in current] + [successor]
@@ -199,7 +199,7 @@ def test_a_cube_larger_than_the_server_query_window_reads_back_whole(sink: Milvu
     cube = f"{RUN}-large"
     states = added(cube, unit_vectors(PAGE + 300, seed=3))
     for start in range(0, len(states), 4096):
-        sink.write(states[start : start + 4096])
+        sink.put(states[start : start + 4096])
     assert sink.count(f'cube_id == "{cube}"') == PAGE + 300
     rows = sink.cube_rows(cube)
     assert len(rows) == PAGE + 300
@@ -211,7 +211,7 @@ def test_cold_cube_search_loads_from_the_server_and_ranks_like_the_states(
 ) -> None:
     cube, other = f"{RUN}-search", f"{RUN}-other"
     states = conversation(embedder, cube, 60)
-    sink.write(states + conversation(embedder, other, 20))
+    sink.put(states + conversation(embedder, other, 20))
 
     cold = Searcher(sink, embedder)
     warm = Searcher(sink, embedder)
@@ -233,7 +233,7 @@ def test_the_working_set_filter_keeps_what_the_server_keeps(  # type: ignore[no-
     sink: MilvusSink, embedder: Embedder, filters
 ) -> None:
     cube = f"{RUN}-filter"
-    sink.write(conversation(embedder, cube, 60))
+    sink.put(conversation(embedder, cube, 60))
     snapshot, loaded = Searcher(sink, embedder).working_set.snapshot(cube)
     assert loaded
     keep = snapshot.mask(
@@ -250,9 +250,9 @@ def test_the_working_set_filter_keeps_what_the_server_keeps(  # type: ignore[no-
 def test_a_write_is_searchable_in_a_cold_cube_at_once(sink: MilvusSink, embedder: Embedder) -> None:
     cube = f"{RUN}-fresh"
     [violin] = [m for m in conversation(embedder, cube, 8) if m.memory_id.endswith("-m7")]
-    sink.write([violin])
+    sink.put([violin])
     assert ranked(Searcher(sink, embedder), cube, "violin") == [violin.memory_id]
-    sink.write([then(violin, "EXPIRE", T0 + timedelta(days=9))])
+    sink.put([then(violin, "EXPIRE", T0 + timedelta(days=9))])
     assert ranked(Searcher(sink, embedder), cube, "violin", include_history=True) == []
 
 

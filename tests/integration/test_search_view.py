@@ -81,7 +81,7 @@ FILTERS = [
 def test_loaded_from_milvus_equals_built_from_states(tmp_path: Path, embedder) -> None:  # type: ignore[no-untyped-def]
     sink = view(tmp_path)
     states = memories(embedder, "cube-a", 60) + memories(embedder, "cube-b", 20)
-    sink.write(states)
+    sink.put(states)
     sink.flush()
 
     cold = Searcher(sink, embedder)
@@ -99,7 +99,7 @@ def test_loaded_from_milvus_equals_built_from_states(tmp_path: Path, embedder) -
 @pytest.mark.parametrize("filters", FILTERS)
 def test_filter_keeps_what_milvus_keeps(tmp_path: Path, embedder, filters) -> None:  # type: ignore[no-untyped-def]
     sink = view(tmp_path)
-    sink.write(memories(embedder, "cube-a", 60) + memories(embedder, "cube-b", 20))
+    sink.put(memories(embedder, "cube-a", 60) + memories(embedder, "cube-b", 20))
     sink.flush()
     snapshot, loaded = Searcher(sink, embedder).working_set.snapshot("cube-a")
     assert loaded
@@ -167,13 +167,13 @@ def test_eviction_and_writes_during_a_load_lose_nothing(tmp_path: Path, embedder
     a, b = memories(embedder, "cube-a", 30), memories(embedder, "cube-b", 30)
     searcher = Searcher(sink, embedder, budget_rows=40)
     for batch in (a, b):  # as the worker does: write the view, then the working set
-        sink.write(batch)
+        sink.put(batch)
         searcher.apply(batch)
     sink.flush()
     assert not searcher.working_set.resident("cube-a")  # over budget: the older cube left
 
     late = memories(embedder, "cube-a", 31)[30:]
-    sink.write(late)
+    sink.put(late)
     searcher.apply(late)  # cube-a is cold: only the view gets it
     sink.flush()
     assert not searcher.working_set.resident("cube-a")
@@ -186,13 +186,13 @@ def test_eviction_and_writes_during_a_load_lose_nothing(tmp_path: Path, embedder
     # A write that lands while a cube is read from the view makes the load read again.
     calls: list[str] = []
     more = memories(embedder, "cube-c", 2)
-    sink.write(more[:1])
+    sink.put(more[:1])
     sink.flush()
 
     def loader(cube_id: str):  # type: ignore[no-untyped-def]
         rows = sink.cube_rows(cube_id)
         if not calls:  # the worker writes the view, then the working set, mid-load
-            sink.write(more[1:])
+            sink.put(more[1:])
             sink.flush()
             working_set.apply(more[1:])
         calls.append(cube_id)
@@ -209,13 +209,13 @@ def test_a_cube_this_worker_does_not_follow_is_never_kept(tmp_path: Path, embedd
     resident copy would miss the owner's later writes."""
     sink = view(tmp_path)
     first = memories(embedder, "cube-x", 3)
-    sink.write(first[:2])
+    sink.put(first[:2])
     sink.flush()
     searcher = Searcher(sink, embedder)
     searcher.working_set.retain = lambda cube_id: cube_id != "cube-x"
     assert len(searcher.working_set.snapshot("cube-x")[0].ids) == 2
     assert not searcher.working_set.resident("cube-x")
-    sink.write(first[2:])  # the owner writes; this worker never sees the op
+    sink.put(first[2:])  # the owner writes; this worker never sees the op
     sink.flush()
     assert len(searcher.working_set.snapshot("cube-x")[0].ids) == 3
     assert searcher.working_set.loads == 2

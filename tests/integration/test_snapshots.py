@@ -16,9 +16,10 @@ from bench import synthetic
 from processors.fold import MemoryTable
 from schemas import Codec
 from sinks.stores import minio_client
-from streams.runtime.partitions import read_partition, restore_partition
+from streams.runtime.partitions import restore_partition
 from streams.runtime.snapshots import SnapshotStore, states_of
 from streams.settings import Settings
+from streams.transport.follower import read_partition
 from streams.transport.producer import EventProducer
 from streams.transport.topics import MEMORY_OPS, ensure_topics
 
