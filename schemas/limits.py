@@ -76,3 +76,11 @@ def check_time(name: str, value: datetime) -> datetime:
             f"{name} {value.isoformat()} is outside {EARLIEST_TIME.date()} .. {LATEST_TIME.date()}"
         )
     return value
+
+
+def cut_utf8(value: str, max_bytes: int) -> str:
+    """``value`` cut to at most ``max_bytes`` of UTF-8, never inside a character."""
+    data = value.encode("utf-8", "replace")
+    if len(data) <= max_bytes:
+        return value
+    return data[:max_bytes].decode("utf-8", "ignore")

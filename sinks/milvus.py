@@ -16,6 +16,17 @@ from pymilvus import DataType, MilvusClient
 from processors.embedder import DIM
 from processors.fold import Memory
 from processors.ops import embedding_vector
+from schemas.limits import (
+    CUBE_ID_BYTES,
+    ID_BYTES,
+    KEY_BYTES,
+    MEMORY_TEXT_BYTES,
+    SESSION_ID_BYTES,
+    TAG_BYTES,
+    TAGS,
+    TURN_ID_BYTES,
+    cut_utf8,
+)
 from sinks.contract import Batch, Refused, write_isolating
 
 COLLECTION = "memories"
@@ -53,7 +64,7 @@ def row_fields(m: Memory) -> dict[str, Any]:
         "version": m.version,
         "text": m.text,
         "key": m.key or "",
-        "tags": [t[:128] for t in m.tags[:64]],
+        "tags": [cut_utf8(t, TAG_BYTES) for t in m.tags[:TAGS]],
         "created_at": epoch_ms(m.created_at),
         "updated_at": epoch_ms(m.updated_at),
         "valid_from": epoch_ms(m.valid_from),
@@ -101,19 +112,23 @@ class MilvusSink:
             self.client.load_collection(self.collection)
             return
         schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field("memory_id", DataType.VARCHAR, is_primary=True, max_length=64)
-        schema.add_field("cube_id", DataType.VARCHAR, max_length=256)
+        schema.add_field("memory_id", DataType.VARCHAR, is_primary=True, max_length=ID_BYTES)
+        schema.add_field("cube_id", DataType.VARCHAR, max_length=CUBE_ID_BYTES)
         schema.add_field("version", DataType.INT64)
-        schema.add_field("text", DataType.VARCHAR, max_length=65535)
-        schema.add_field("key", DataType.VARCHAR, max_length=512)
+        schema.add_field("text", DataType.VARCHAR, max_length=MEMORY_TEXT_BYTES)
+        schema.add_field("key", DataType.VARCHAR, max_length=KEY_BYTES)
         schema.add_field(
-            "tags", DataType.ARRAY, element_type=DataType.VARCHAR, max_capacity=64, max_length=128
+            "tags",
+            DataType.ARRAY,
+            element_type=DataType.VARCHAR,
+            max_capacity=TAGS,
+            max_length=TAG_BYTES,
         )
         for name in ("created_at", "updated_at", "valid_from", "valid_to"):
             schema.add_field(name, DataType.INT64)
-        schema.add_field("session_id", DataType.VARCHAR, max_length=256)
-        schema.add_field("turn_id", DataType.VARCHAR, max_length=128)
-        schema.add_field("source_event_id", DataType.VARCHAR, max_length=64)
+        schema.add_field("session_id", DataType.VARCHAR, max_length=SESSION_ID_BYTES)
+        schema.add_field("turn_id", DataType.VARCHAR, max_length=TURN_ID_BYTES)
+        schema.add_field("source_event_id", DataType.VARCHAR, max_length=ID_BYTES)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=DIM)
         index = self.client.prepare_index_params()
         index.add_index("vector", index_type=self.vector_index, metric_type="COSINE")
