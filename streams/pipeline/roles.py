@@ -41,6 +41,7 @@ from streams.runtime.generations import Generation, GenerationStore
 from streams.runtime.host import Factory, Host
 from streams.runtime.snapshots import SnapshotStore
 from streams.settings import Settings
+from streams.transport.topics import TopicsAtStart, topics_at_start
 
 if TYPE_CHECKING:
     from processors.lm import LocalLM
@@ -89,6 +90,8 @@ class Runtime:
     extractor: Extractor | None = None
     #: When the API last served a search or a chat turn: background LM work waits for a pause.
     foreground: Foreground = field(default_factory=Foreground)
+    #: The topics when the process started: created, or why they could not be (``/readyz``).
+    topics: TopicsAtStart = field(default_factory=TopicsAtStart)
     replay: Replay = field(init=False)
 
     def __post_init__(self) -> None:
@@ -142,11 +145,14 @@ def build_runtime(
     extra: dict[str, Factory] | None = None,
 ) -> Runtime:
     """Open the parts a role needs and a host with its processors (not started), for the
-    current generation; a replay in progress resumes with the generations processor."""
+    current generation; a replay in progress resumes with the generations processor. The
+    topics of ``settings.topic_prefix`` that do not exist yet are created first (a new prefix
+    needs no ``memstream infra up``); when they cannot be, ``runtime.topics.reason`` says why."""
     role = role or settings.role
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r} (known: {', '.join(ROLES)})")
     names = ROLES[role]
+    topics = topics_at_start(settings)
     embedder = embedder or embedder_for(settings)
     generations = generation_store(settings)
     current = generations.read().current
@@ -164,6 +170,7 @@ def build_runtime(
         generations,
         Codec(),
         (extractor or default_extractor(settings)) if "reader" in names else None,
+        topics=topics,
     )
     factories: dict[str, Factory] = {}
     if "reader" in names:

@@ -6,6 +6,7 @@ co-partitioned and handled in order by one worker.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from confluent_kafka.admin import (
 
 from streams.settings import Settings
 
+log = logging.getLogger("memstream.topics")
 T = TypeVar("T")
 FOREVER = "-1"
 THIRTY_DAYS_MS = str(30 * 24 * 3600 * 1000)
@@ -98,11 +100,14 @@ def admin_client(settings: Settings) -> AdminClient:
     return AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
 
 
-def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
+def ensure_topics(
+    settings: Settings, timeout: float = 30.0, *, align_configs: bool = True
+) -> list[str]:
     """Create the missing topics with their partitions and configs; return the names created.
 
-    Existing topics are left as they are (their configs are brought in line, never their
-    partition count: changing it would move keys between partitions and break per-cube order).
+    Existing topics are left as they are (their configs are brought in line unless
+    ``align_configs`` is false, never their partition count: changing it would move keys
+    between partitions and break per-cube order). Raises the broker's ``KafkaException``.
     """
     admin = admin_client(settings)
     existing = set(admin.list_topics(timeout=timeout).topics)
@@ -126,7 +131,7 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
             if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
                 raise
     present = [name for name in wanted if name in existing]
-    if present:
+    if present and align_configs:
         resources = [
             ConfigResource(
                 ConfigResource.Type.TOPIC,
@@ -141,6 +146,60 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
         for future in admin.incremental_alter_configs(resources, request_timeout=timeout).values():
             future.result()
     return created
+
+
+@dataclass(frozen=True)
+class TopicsAtStart:
+    """What a process found of its topics when it started (:func:`topics_at_start`): the ones it
+    created, or why it could not make sure they exist (``reason``; None when they do)."""
+
+    created: tuple[str, ...] = ()
+    reason: str | None = None
+
+
+#: Errors that say the broker did not answer (no broker there, or not yet).
+UNREACHABLE = {KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._ALL_BROKERS_DOWN}
+#: Errors that say this client may not create (or see) the topics.
+FORBIDDEN = {
+    KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    KafkaError.GROUP_AUTHORIZATION_FAILED,
+}
+
+
+def topics_at_start(settings: Settings, timeout: float = 10.0) -> TopicsAtStart:
+    """Create the topics of ``settings.topic_prefix`` that do not exist yet: what ``memstream
+    serve`` does before its processors start, so a new prefix needs no ``infra up`` first.
+
+    Never raises for what the broker answers (or not): a broker that does not answer, or
+    refuses (no permission, a replication factor above its broker count), is a ``reason``
+    (logged, and shown by ``/readyz``, which stays red: the processors cannot read topics that
+    do not exist). Existing topics' configs are left alone (``memstream infra up`` aligns them;
+    a process may lack the right to).
+    """
+    names, prefix = [settings.topic(spec.name) for spec in ALL_TOPICS], settings.topic_prefix
+    try:
+        created = ensure_topics(settings, timeout, align_configs=False)
+    except KafkaException as exc:
+        error = exc.args[0]
+        code = error.code() if isinstance(error, KafkaError) else None
+        text = error.str() if isinstance(error, KafkaError) else str(exc)
+        where = f"Kafka at {settings.kafka_bootstrap}"
+        if code in UNREACHABLE:
+            reason = f"{where} did not answer within {timeout:.0f} s ({text})"
+        elif code in FORBIDDEN:
+            reason = (f"{where} does not allow this process to create its topics ({text}): "
+                      "create them with `memstream infra up`, or grant it CREATE on the "
+                      f"prefix {prefix!r}")  # fmt: skip
+        else:
+            reason = f"{where} refused to create the topics ({text})"
+        reason = f"cannot make sure the {len(names)} topics of prefix {prefix!r} exist: {reason}"
+        log.error("%s", reason)
+        return TopicsAtStart(reason=reason)
+    if created:
+        log.info("created topics %s (%d partitions, replication %d)", ", ".join(created),
+                 settings.partitions, settings.replication_factor)  # fmt: skip
+    return TopicsAtStart(created=tuple(created))
 
 
 def delete_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
@@ -207,6 +266,8 @@ def describe_topics(settings: Settings, timeout: float = 30.0) -> dict[str, dict
     names = [
         settings.topic(spec.name) for spec in ALL_TOPICS if settings.topic(spec.name) in metadata
     ]
+    if not names:  # describe_configs refuses an empty list
+        return {}
     resources = [ConfigResource(ConfigResource.Type.TOPIC, name) for name in names]
     described: dict[str, dict[str, object]] = {}
     for resource, future in admin.describe_configs(resources, request_timeout=timeout).items():

@@ -85,10 +85,10 @@ def test_kill_9_mid_ingest_loses_and_doubles_nothing(settings: Settings, tmp_pat
         producer.publish_interactions(interactions)
 
     deadline = time.monotonic() + 120
-    while worker.client.status()["counters"]["interactions"] < TOTAL // 4:
+    while worker.client.status()["counters"]["reader"]["interactions"] < TOTAL // 4:
         assert time.monotonic() < deadline, "the worker made no progress"
         time.sleep(0.2)
-    before = worker.client.status()["counters"]["interactions"]
+    before = worker.client.status()["counters"]["reader"]["interactions"]
     worker.kill()
     assert before < TOTAL, "the crash must happen mid-ingest"
 

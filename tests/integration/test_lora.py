@@ -3,14 +3,16 @@ in the real MinIO, loaded back verified; a truncated, changed or foreign adapter
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from processors.lm import LocalLM, load_lm
+from processors.lm import AdapterHook, LocalLM, load_lm
 from processors.lora import (
     METADATA_KEY,
     AdapterRefused,
@@ -36,6 +38,14 @@ TEXTS = (
 )
 IDS = ("mem-lisbon", "mem-biscuit", "mem-nurse")
 SMALL = LoraSettings(steps=3, lr=5e-3, max_tokens=32)
+PROMPT = "Caroline said: I moved to"
+# A loss the trainer computed (on ``SMALL.threads`` torch threads, or in another process, maybe on
+# another machine's kernels: AVX2 or AVX-512, oneDNN or not) against one computed here: the same
+# fp32 sums in another order differ in the last bits (1.6e-6 of a 4.47 loss on a 2-core AVX-512
+# Xeon, trainer on 1 thread, test on 2). Relative, and far above that, far below what an
+# unchanged model vs a trained adapter differ by (> 0.5). Exactness is asserted where it holds:
+# the base's tensors, and logits computed twice in this process on the same threads.
+ACROSS_KERNELS = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +63,45 @@ def identity(lm: LocalLM) -> BaseIdentity:
     return BaseIdentity(lm.model_id, lm.weights_sha256)
 
 
+@contextmanager
+def threads(n: int) -> Iterator[None]:
+    """torch on ``n`` threads for the block (the setting is process-wide; training changes it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def logits(lm: LocalLM, adapter: AdapterHook | None = None) -> torch.Tensor:
+    with threads(1):  # the same kernels and reduction order each time: equal bits
+        return lm.next_token_logits(PROMPT, adapter=adapter)
+
+
+@dataclass(frozen=True)
+class Base:
+    """The shared base model before any training: its tensors (copies) and its logits."""
+
+    tensors: dict[str, torch.Tensor]
+    logits: torch.Tensor
+
+    def assert_unchanged(self, lm: LocalLM) -> None:
+        now = lm.model.state_dict()
+        assert now.keys() == self.tensors.keys()
+        changed = [n for n, t in self.tensors.items() if not torch.equal(now[n], t)]
+        assert not changed, changed[:5]
+        assert torch.equal(logits(lm), self.logits)
+
+
 @pytest.fixture(scope="module")
-def trained(lm: LocalLM, identity: BaseIdentity) -> TrainReport:
+def base(lm: LocalLM) -> Base:
+    tensors = {n: t.detach().clone() for n, t in lm.model.state_dict().items()}
+    return Base(tensors, logits(lm))
+
+
+@pytest.fixture(scope="module")
+def trained(lm: LocalLM, identity: BaseIdentity, base: Base) -> TrainReport:
     steps: list[tuple[int, int, float]] = []
     report = train_adapter(lm.model, lm.tokenizer, TEXTS, IDS, identity, SMALL, version=1,
                            on_step=lambda *s: steps.append(s))  # fmt: skip
@@ -70,7 +117,7 @@ def _loss(model: torch.nn.Module, lm: LocalLM) -> float:
 
 
 def test_adapter_lowers_the_loss_on_the_cube_memories(
-    lm: LocalLM, trained: TrainReport, identity: BaseIdentity
+    lm: LocalLM, trained: TrainReport, identity: BaseIdentity, base: Base
 ) -> None:
     assert trained.loss_adapter < trained.loss_base - 0.5, (trained.loss_base, trained.loss_adapter)
     # LoRA B starts at zero: the first step's loss is the base model's
@@ -80,25 +127,25 @@ def test_adapter_lowers_the_loss_on_the_cube_memories(
     assert (config.rank, config.target_modules, config.trained_on) == (8, ("q_proj", "v_proj"), IDS)
     assert trained.adapter.sha256 == sha256_hex(trained.adapter.data)
     assert trained.adapter.data[8:9] == b"{"  # a safetensors header, not a pickle
-    # training never touched the shared base model: same loss, no LoRA layers in it
-    assert _loss(lm.model, lm) == pytest.approx(trained.loss_base, abs=1e-6)
+    # training never touched the shared base model: the same tensors, bit for bit, the same
+    # logits, no LoRA layers in it; and the loss the trainer measured is the base's here
+    base.assert_unchanged(lm)
     assert not [name for name, _ in lm.model.named_modules() if "lora" in name]
+    assert _loss(lm.model, lm) == pytest.approx(trained.loss_base, rel=ACROSS_KERNELS)
 
 
 def test_adapter_round_trip_through_minio(
-    lm: LocalLM, trained: TrainReport, blobs: BlobStore
+    lm: LocalLM, trained: TrainReport, blobs: BlobStore, base: Base
 ) -> None:
     uri, sha256 = blobs.put(ADAPTER_KIND, trained.adapter.data)
     assert sha256 == trained.adapter.sha256 and uri.endswith(f"/{sha256}.safetensors")
     view, config = fetch_adapter(blobs, {"uri": uri, "sha256": sha256}, lm)
     assert config == trained.adapter.config
-    assert _loss(view, lm) == pytest.approx(trained.loss_adapter, rel=1e-5)
+    assert _loss(view, lm) == pytest.approx(trained.loss_adapter, rel=ACROSS_KERNELS)
     # applied through the LM's adapter hook it changes the answer; the base stays the base
-    before = lm.next_token_logits("Caroline said: I moved to")
-    adapted = lm.next_token_logits("Caroline said: I moved to", adapter=adapter_hook(view))
-    assert not torch.allclose(before, adapted, atol=1e-3)
-    assert torch.equal(lm.next_token_logits("Caroline said: I moved to"), before)
-    assert _loss(lm.model, lm) == pytest.approx(trained.loss_base, abs=1e-6)
+    adapted = logits(lm, adapter=adapter_hook(view))
+    assert not torch.allclose(base.logits, adapted, atol=1e-3)
+    base.assert_unchanged(lm)
 
 
 def test_truncated_adapter_is_refused(

@@ -129,6 +129,9 @@ def test_background_training_reports_progress_and_never_blocks(settings: Setting
     lm = load_lm(settings.effective_lm_dir, settings.lm_model)
     view, config = fetch_adapter(blobs, payload, lm)
     assert config.trained_on == tuple(payload["trained_on"])
+    # the child measured its loss in another process, on its own torch threads: the same fp32
+    # sums in another order (another kernel on another CPU: AVX2, AVX-512) differ in the last
+    # bits, so relative, far above that (1.6e-6 of 4.47 seen) and far below what training moves
     assert mean_loss(view, lm.tokenizer, TEXTS, SMALL.max_tokens) == pytest.approx(
         done.loss_adapter, rel=1e-4
     )

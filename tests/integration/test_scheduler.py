@@ -211,12 +211,12 @@ def test_hot_memories_are_activated_and_demoted_when_the_queries_move(
     assert stored == {ids[t] for t in (*first, *second)}
 
     def counters() -> dict[str, Any]:
-        return api.get("/v1/status").json()["counters"]
+        return api.get("/v1/status").json()["counters"]["scheduler"]
 
     # /v1/status shows the scheduler's counters; it has seen its own DEACTIVATEs folded.
     wait(lambda: counters()["scheduler_activated"] == 0, 10, "activated memories left")
     status = api.get("/v1/status").json()
-    shown = status["counters"]
+    shown = status["counters"]["scheduler"]
     assert shown["scheduler_activate"] >= 4 and shown["scheduler_deactivate"] >= 4
     assert shown["scheduler_queries"] >= 8 + 2 + len(FACTS) and shown["scheduler_hits"] >= 15
     assert shown["scheduler_cubes"] >= 1 and shown["scheduler_decisions"] >= 4

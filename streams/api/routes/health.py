@@ -28,12 +28,40 @@ async def healthz(svc: ServiceDep) -> JSONResponse:
 
 @router.get("/readyz")
 async def readyz(svc: ServiceDep) -> JSONResponse:
-    """Readiness: 200 when every processor runs and has caught up with its inputs."""
-    health = svc.runtime.host.health()
-    ready = svc.runtime.host.ready()
-    body = {"ready": ready, "processors": {n: {k: h[k] for k in ("state", "ready", "restarts",
-            "last_error")} for n, h in health.items()}}  # fmt: skip
+    """Readiness: 200 when every processor runs and has caught up with its inputs; otherwise
+    503 and a ``reason`` that says why (topics missing, a processor failing or catching up)."""
+    host = svc.runtime.host
+    health = host.health()
+    ready = host.ready()
+    body = {"ready": ready, "reason": None if ready else not_ready_reason(svc, health),
+            "topics": {"created": list(svc.runtime.topics.created),
+                       "reason": svc.runtime.topics.reason},
+            "processors": {n: {k: h[k] for k in ("state", "ready", "restarts", "last_error")}
+                           for n, h in health.items()}}  # fmt: skip
     return JSONResponse(body, status_code=200 if ready else 503)
+
+
+def not_ready_reason(svc: Service, health: dict[str, dict[str, Any]]) -> str:
+    """Why the process is not ready, in words: its topics, then each processor that is not."""
+    reasons = []
+    if svc.runtime.topics.reason:
+        reasons.append(svc.runtime.topics.reason)
+    if svc.runtime.host.failed.is_set():
+        reasons.append("a processor kept failing: the process is stopping")
+    for name, h in health.items():
+        if h["ready"]:
+            continue
+        error = f": {h['last_error']}" if h["last_error"] else ""
+        if h["state"] == "running":
+            why = "not caught up with its inputs yet"
+        elif h["state"] == "stalled":
+            why = f"no step finished for {h['seconds_since_step']:.0f} s"
+        elif h["state"] in ("restarting", "failed"):
+            why = f"{h['state']} after {h['restarts']} restarts{error}"
+        else:  # starting, stopped
+            why = h["state"] + (f" (last error{error})" if error else "")
+        reasons.append(f"{name}: {why}")
+    return "; ".join(reasons) or "not ready"
 
 
 def _lag(svc: Service) -> dict[str, int]:
@@ -62,16 +90,19 @@ def _lag(svc: Service) -> dict[str, int]:
 async def status(svc: ServiceDep, lag: bool = True) -> dict[str, Any]:
     """Role, processors (state, restarts, counters), group lag, the search working set.
 
-    ``lag=false`` leaves the lag out (``null``): it is the one part that asks the broker, so
-    a client that polls for progress asks for it only once the counters say it may be done.
+    ``counters`` are per processor (``{"reader": {"interactions": ...}, "views": {...}}``):
+    two processors count things of the same name (``dead_lettered`` of the views and of the
+    access agent), and one dict for all hid one of them. ``lag=false`` leaves the lag out
+    (``null``): it is the one part that asks the broker, so a client that polls for progress
+    asks for it only once the counters say it may be done.
     """
     host = svc.runtime.host
     health = host.health()
-    counters: dict[str, Any] = {}
+    counters: dict[str, dict[str, int | float]] = {}
     for name, h in health.items():
         if name.endswith("-next"):  # a replay's processors: see /v1/replay
             continue
-        counters.update({k: v for k, v in h["stats"].items() if isinstance(v, int | float)})
+        counters[name] = {k: v for k, v in h["stats"].items() if isinstance(v, int | float)}
     failure = None
     if host.failed.is_set():
         failure = "; ".join(f"{n}: {h['last_error']}" for n, h in health.items() if h["last_error"])
