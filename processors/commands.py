@@ -25,6 +25,22 @@ plaintext ones (ARCHIVE of an active memory, RESTORE of an archived one). A comm
 ``evidence`` (the statistics behind a scheduler's decision) is written into its op's reason
 (:func:`with_evidence`, read back with :func:`evidence_of`), since MemoryOp has no field of its
 own for it and the commands topic is not kept forever.
+
+A re-extraction (``memstream replay --reextract``) writes a new ops generation with new memory
+ids, and its writer never saw the commands of the old one applied to its memories. What those
+commands did must not be undone by re-reading the interactions: a memory that was deleted stays
+deleted. :class:`Carryover` carries it over the event-sourced way. It folds the *base*
+generation's ops (the one re-extracted; ``memory-ops`` is kept forever, the commands topic only
+30 days) into what each command did (ARCHIVE, RESTORE, EXPIRE, DELETE: :data:`CARRIED`, the ops
+no reader emits) and how fusion merged the base's memories, and maps them onto the new
+generation by **source item**: a memory's id is uuid5 of its cube, source event and item index
+(and generation), so the new memory re-extracted from the same item of the same turn is found
+from the old one and back. A command's effect on an old memory applies to the new memories of
+every item it held: its own and those fusion had merged into it (their MERGE chain), because
+after the command none of them was visible; with another merge threshold the new generation
+may keep them apart. The carried op is the writer's own op of the new generation, with the
+command's id first in ``caused_by`` (a command carried twice, or handled directly and carried,
+is one op), a deterministic event id and the original event time, actor and reason.
 """
 
 from __future__ import annotations
@@ -33,8 +49,9 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal
 
 from processors.fold import ALLOWED, FoldError, Memory, fold
@@ -47,6 +64,7 @@ from processors.ops import (
     make_op,
     op_event_id,
 )
+from processors.ops import memory_id as item_memory_id
 
 Status = Literal["APPLIED", "DUPLICATE", "REJECTED"]
 KINDS = ("ACTIVATE", "DEACTIVATE", "ARCHIVE", "RESTORE", "EXPIRE", "DELETE", "IMPORT", "CREATE")
@@ -384,3 +402,216 @@ def result_record(command: dict[str, Any], outcome: Outcome, source: dict[str, A
         "event_time": command["event_time"],
         "source": source,
     }
+
+
+#: What a command does to a memory that a re-extraction carries over (no reader emits these).
+CARRIED = ("ARCHIVE", "RESTORE", "EXPIRE", "DELETE")
+#: The most items a search for a memory's item index tries (one interaction yields few).
+MAX_ITEMS = 256
+
+
+@dataclass(frozen=True)
+class Effect:
+    """An op of the base generation that a command caused, at ``position`` (its offset in the
+    cube's partition of memory-ops: the order the effects happened in)."""
+
+    memory_id: str
+    kind: str
+    command_id: str
+    event_id: str
+    event_time: datetime
+    actor: str
+    reason: str
+    position: int
+
+
+@dataclass
+class _CubeRecord:
+    merged_into: dict[str, str] = field(default_factory=dict)
+    predecessors: dict[str, list[str]] = field(default_factory=dict)
+    effects: dict[str, list[Effect]] = field(default_factory=dict)
+    seen: set[str] = field(default_factory=set)
+    #: new memory id -> the base memory of the same source item (None: none), computed once.
+    counterparts: dict[str, str | None] = field(default_factory=dict)
+
+
+class Carryover:
+    """What the commands did to ops generation ``base``, carried over to ``generation``, a
+    re-extraction of the same interactions (see the module's docstring).
+
+    Fed the base's ops in log order (:meth:`observe`), it answers for a memory of the new
+    generation which effects it must have (:meth:`carry` builds and folds the ops), whenever
+    either side becomes known: when the item is re-extracted, or when the base's effect is
+    read. Pure and deterministic: the same log gives the same ops, and an effect already
+    carried (its command id in the memory's ``caused_by``) is never carried twice.
+    """
+
+    def __init__(self, base: int, generation: int) -> None:
+        if base >= generation:
+            raise ValueError(f"ops generation {generation} cannot carry over from {base}")
+        self.base = base
+        self.generation = generation
+        self._cubes: dict[str, _CubeRecord] = {}
+
+    def observe(self, op: dict[str, Any], position: int) -> set[str]:
+        """Fold one op of the log (only the base's matter). Returns the base memories whose
+        counterparts in the new generation may now need an effect carried over."""
+        if op.get("generation", 0) != self.base:
+            return set()
+        kind, cube = op["op"], op["cube_id"]
+        record = self._cubes.setdefault(cube, _CubeRecord())
+        if kind == "MERGE" and op["version"] > 1 and op.get("superseded_by"):
+            merged, into = op["memory_id"], op["superseded_by"]
+            if record.merged_into.get(merged) == into:
+                return set()
+            record.merged_into[merged] = into
+            record.predecessors.setdefault(into, []).append(merged)
+            return self.lineage(cube, merged) if self.effects_on(cube, into) else set()
+        if kind not in CARRIED or op["event_id"] in record.seen:
+            return set()
+        record.seen.add(op["event_id"])
+        caused_by = list(op.get("caused_by") or ())
+        effect = Effect(op["memory_id"], kind, caused_by[0] if caused_by else op["event_id"],
+                        op["event_id"], op["event_time"], op.get("actor") or "",
+                        op.get("reason") or "", position)  # fmt: skip
+        record.effects.setdefault(op["memory_id"], []).append(effect)
+        return self.lineage(cube, op["memory_id"])
+
+    def drop_cubes(self, gone: Callable[[str], bool]) -> None:
+        """Forget the cubes of partitions this writer no longer owns."""
+        for cube in [c for c in self._cubes if gone(c)]:
+            del self._cubes[cube]
+
+    def lineage(self, cube: str, memory_id: str) -> set[str]:
+        """A base memory and every base memory fusion merged into it, transitively."""
+        record = self._cubes.get(cube)
+        found, todo = {memory_id}, [memory_id]
+        while record is not None and todo:
+            for merged in record.predecessors.get(todo.pop(), ()):
+                if merged not in found:
+                    found.add(merged)
+                    todo.append(merged)
+        return found
+
+    def effects_on(self, cube: str, memory_id: str) -> list[Effect]:
+        """The effects that apply to the items of a base memory: on it and on every memory it
+        was merged into since (its MERGE chain), in the order they happened."""
+        record = self._cubes.get(cube)
+        if record is None:
+            return []
+        found: list[Effect] = []
+        at: str | None = memory_id
+        visited: set[str] = set()
+        while at is not None and at not in visited:
+            visited.add(at)
+            found.extend(record.effects.get(at, ()))
+            at = record.merged_into.get(at)
+        return sorted(found, key=lambda e: e.position)
+
+    def counterpart(self, memory: Memory) -> str | None:
+        """The base memory extracted from the same item of the same source turn as ``memory``
+        (None for a memory no interaction made here: created, imported)."""
+        record = self._cubes.setdefault(memory.cube_id, _CubeRecord())
+        if memory.memory_id in record.counterparts:
+            return record.counterparts[memory.memory_id]
+        found = None
+        event = (memory.source or {}).get("event_id")
+        if memory.memory_type == "PLAINTEXT" and event:
+            for index in range(MAX_ITEMS):
+                if item_memory_id(memory.cube_id, event, index, self.generation) == (
+                    memory.memory_id
+                ):
+                    found = item_memory_id(memory.cube_id, event, index, self.base)
+                    break
+        record.counterparts[memory.memory_id] = found
+        return found
+
+    def counterparts_of(self, memories: CubeMemories, cube: str, base_ids: set[str]) -> list[str]:
+        """The memories of the new generation re-extracted from the items of ``base_ids``."""
+        with memories.lock:
+            members = list(memories.table.in_cube(cube))
+        return [m.memory_id for m in members if self.counterpart(m) in base_ids]
+
+    def carry(self, memories: CubeMemories, memory_id: str) -> list[dict[str, Any]]:
+        """Fold and return the ops that give a memory of the new generation the effects its
+        base counterpart's commands had, those not carried yet: the ones after the last one it
+        already has, each where its state allows it (a merged memory is not archived)."""
+        state = memories.get(memory_id)
+        old = self.counterpart(state) if state is not None else None
+        if state is None or old is None:
+            return []
+        effects = self.effects_on(state.cube_id, old)
+        done = [i for i, e in enumerate(effects) if e.command_id in state.caused_by]
+        ops = []
+        for effect in effects[done[-1] + 1 if done else 0 :]:
+            op = self._carried_op(memories, memory_id, effect, old)
+            if op is not None:
+                ops.append(op)
+        return ops
+
+    def command(self, memories: CubeMemories, command: dict[str, Any]) -> Outcome:
+        """A command naming a memory of the base generation (not one of this generation):
+        applied to the memories re-extracted from its items, as the base applied it (or, if the
+        base has not answered it yet, as it is: without an expected version, which names a
+        version of the base's memory)."""
+        kind, cube, old = command["command"], command["cube_id"], command["memory_id"]
+        targets = self.counterparts_of(memories, cube, self.lineage(cube, old))
+        if not targets:
+            return Outcome("REJECTED", f"no memory {old} in cube {cube} in ops generation "
+                           f"{self.generation} (a memory of generation {self.base}: what "
+                           "commands did to it is carried over to the memories re-extracted "
+                           "from its source turns)")  # fmt: skip
+        known = any(e.command_id == command["command_id"] for e in self.effects_on(cube, old))
+        ops: list[dict[str, Any]] = []
+        if known:  # the base applied it: carry that, with whatever came before it
+            for target in targets:
+                ops.extend(self.carry(memories, target))
+        elif command.get("expected_version") is not None:
+            return Outcome("REJECTED", f"it expects v{command['expected_version']} of memory "
+                           f"{old} of ops generation {self.base}, which generation "
+                           f"{self.generation} does not have")  # fmt: skip
+        else:
+            effect = Effect(old, kind, command["command_id"], command["command_id"],
+                            command["event_time"], command["issued_by"],
+                            with_evidence(command.get("reason") or f"command "
+                                          f"{command['command_id']}", command.get("evidence")),
+                            -1)  # fmt: skip
+            for target in targets:
+                op = self._carried_op(memories, target, effect, old)
+                if op is not None:
+                    ops.append(op)
+        if not ops:
+            states = [memories.get(t) for t in targets]
+            applied = all(s is not None and command["command_id"] in s.caused_by for s in states)
+            return Outcome("DUPLICATE" if applied else "REJECTED",
+                           "already applied" if applied else f"{kind} is not allowed on the "
+                           f"memories re-extracted from {old}")  # fmt: skip
+        return Outcome("APPLIED", f"{kind} of memory {old} of ops generation {self.base} "
+                       f"carried to {', '.join(op['memory_id'] for op in ops)}", ops,
+                       ops[0]["version"])  # fmt: skip
+
+    def _carried_op(
+        self, memories: CubeMemories, memory_id: str, effect: Effect, old: str
+    ) -> dict[str, Any] | None:
+        state = memories.get(memory_id)
+        if state is None or effect.command_id in state.caused_by:
+            return None
+        if effect.kind not in ALLOWED[state.status]:
+            return None
+        named = f" (into which {old} had been merged)" if effect.memory_id != old else ""
+        op = make_op(
+            event_id=op_event_id(effect.event_id, 0, effect.kind, memory_id, self.generation),
+            cube_id=state.cube_id,
+            memory_id=memory_id,
+            version=state.version + 1,
+            op=effect.kind,
+            memory_type=state.memory_type,
+            event_time=effect.event_time,
+            actor=effect.actor,
+            caused_by=list(dict.fromkeys([effect.command_id, effect.event_id])),
+            reason=f"carried over from ops generation {self.base}: {effect.kind} of memory "
+            f"{effect.memory_id}{named} by command {effect.command_id}: {effect.reason}",
+            generation=self.generation,
+        )
+        memories.apply(op)
+        return op

@@ -28,13 +28,12 @@ from rich.progress import (
 from rich.table import Table
 
 from processors.fold import Memory
-from schemas import Codec
 from sinks.milvus import row_fields
 from streams.pipeline.build import generation_store, snapshot_store
 from streams.query.time_travel import PastView, Point, fold_until, parse_point
-from streams.runtime.generations import READER_SETTINGS
-from streams.runtime.partitions import read_partitions
+from streams.runtime.generations import READER_SETTINGS, InvalidReaderSettings, validate_reader
 from streams.settings import Settings
+from streams.transport.follower import OpReader, read_partitions
 from streams.transport.topics import MEMORY_OPS, partition_for
 
 console = Console()
@@ -137,8 +136,31 @@ def replay(
         return
     overrides = _overrides(reader or [])
     if rebuild and overrides:
-        raise _fail("--set changes the reader: it needs --reextract")
+        raise _fail("--set changes the reader: it needs --reextract", 2)
+    if overrides:
+        try:  # refused here already, with the same check as the server's
+            validate_reader(overrides, settings)
+        except InvalidReaderSettings as exc:
+            raise _fail(_refused(exc.errors), 2) from None
     _start_and_follow(url or settings.api_url, "rebuild" if rebuild else "reextract", overrides)
+
+
+def _refused(errors: list[dict[str, Any]]) -> str:
+    return "refused: " + "; ".join(f"--set {e['field']}={e['input']!r}: {e['msg']}" for e in errors)
+
+
+def _detail(response: httpx.Response) -> str:
+    """What the API said about a refused replay (its 422 lists each setting and why)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text
+    detail = body.get("detail", response.text) if isinstance(body, dict) else body
+    if isinstance(detail, list):
+        return _refused([{"field": ".".join(str(x) for x in d.get("loc", [])[2:]) or "reader",
+                          "input": d.get("input"), "msg": d.get("msg", "")}
+                         for d in detail if isinstance(d, dict)])  # fmt: skip
+    return str(detail)
 
 
 def _overrides(pairs: list[str]) -> dict[str, Any]:
@@ -146,7 +168,7 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise _fail(f"--set {pair!r}: expected KEY=VALUE")
+            raise _fail(f"--set {pair!r}: expected KEY=VALUE", 2)
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -172,7 +194,8 @@ def _start_and_follow(url: str, mode: str, reader: dict[str, Any]) -> None:
         except httpx.TransportError as exc:
             raise _fail(f"no memstream API at {url} ({exc}); start `memstream serve`", 2) from None
         if r.status_code != 202:
-            raise _fail(f"{r.status_code}: {r.json().get('detail', r.text)}")
+            # A request the server refuses is a usage error (2); anything else failed (1).
+            raise _fail(f"{r.status_code}: {_detail(r)}", 2 if r.status_code < 500 else 1)
         target = r.json()["next"]["id"]
         console.print(f"building generation {target} ({mode}); the live views serve meanwhile")
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -185,6 +208,11 @@ def _start_and_follow(url: str, mode: str, reader: dict[str, Any]) -> None:
                 state = http.get("/v1/replay").json()
                 if state["current"]["id"] >= target:
                     break
+                for failed in state.get("failed") or ():
+                    generation = failed.get("generation")
+                    if isinstance(generation, dict) and generation.get("id") == target:
+                        raise _fail(f"generation {target} was abandoned: {failed.get('reason')}"
+                                    "; the views still show the current one")  # fmt: skip
                 views = state.get("views-next") or {}
                 if views:
                     done, total = views["offset"], max(views["end_offset"], views["offset"])
@@ -204,13 +232,14 @@ def _compare(settings: Settings, cube: str | None, as_json: bool) -> None:
     partitions = (
         [partition_for(cube, settings.partitions)] if cube else list(range(settings.partitions))
     )
-    codec, wanted = Codec(), cube.encode() if cube else None
+    ops = OpReader(settings, cube=cube)  # every generation; poison skipped and counted
     stats: dict[int, dict[str, Any]] = {}
 
     def handle(msg: Any) -> None:
-        if wanted is not None and msg.key() != wanted:
+        event = ops.event(msg)
+        if event is None:
             return
-        op = codec.decode(msg.value(), reader=MEMORY_OPS.record).record
+        op = event.value
         g = stats.setdefault(op["generation"], {"ops": 0, "kinds": Counter(), "memories": set(),
                                                 "readers": set()})  # fmt: skip
         g["ops"] += 1

@@ -29,6 +29,16 @@ of it was folded or published, and its events are read again from the committed 
 Each instance writes one ops generation (:mod:`streams.runtime.generations`): its own group,
 transactional id, memory ids and fold. ``memstream replay --reextract`` runs a second one, for
 the next generation, from offset 0 of ``interactions`` beside the live one.
+
+The writer of a re-extracted generation carries over what commands did to the generation it
+re-extracts (DELETE, ARCHIVE, EXPIRE, RESTORE; :class:`processors.commands.Carryover`): while
+its generation is being built it reads that generation's ops from ``memory-ops`` (kept forever,
+unlike the commands) for the partitions it owns, from offset 0 when it is assigned them, then
+follows them (:class:`BaseOps`), and gives each memory it re-extracts the effects its old
+counterpart had, in the transaction that adds it, or as soon as an effect is read. A command
+that names a memory of the old generation is applied to the memories re-extracted from its
+items. Once its generation is live, a restarted writer reads the old ops only when such a
+command comes.
 """
 
 from __future__ import annotations
@@ -41,22 +51,22 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Message, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 
-from processors.commands import apply_command, result_record
+from processors.commands import CARRIED, Carryover, apply_command, result_record
 from processors.embedder import Embedder
 from processors.extract import Extractor
-from processors.fold import FoldError
 from processors.fusion import CubeMemories
 from processors.ops import NAMESPACE
 from processors.reader import Extracted, MemReader, Sourced
-from schemas import Codec, DecodeError
+from schemas import Codec
 from streams.runtime.generations import Generation
 from streams.runtime.partitions import restore_partitions
 from streams.runtime.processor import Processor
 from streams.runtime.snapshots import SnapshotStore
 from streams.settings import Settings
-from streams.transport.consumer import Event, EventConsumer, InvalidEvent
+from streams.transport.consumer import Event, EventConsumer, InvalidEvent, raise_if_fatal
+from streams.transport.follower import OpReader, read_partitions
 from streams.transport.producer import EventProducer
 from streams.transport.topics import (
     COMMAND_RESULTS,
@@ -95,6 +105,83 @@ def interaction_validator(settings: Settings) -> Callable[[Event], None]:
             )
 
     return validate
+
+
+class BaseOps:
+    """The ops of the generation a re-extraction re-extracts, for the partitions its writer
+    owns, fed to its :class:`Carryover`: read from offset 0 when a partition is loaded, then
+    followed without blocking. Through the one follower: committed transactions only, the
+    base generation's ops only, poison skipped and counted (the views record it)."""
+
+    def __init__(self, settings: Settings, codec: Codec, carry: Carryover) -> None:
+        self.settings = settings
+        self.carry = carry
+        self.reader = OpReader(settings, codec, generation=carry.base)
+        self.positions: dict[int, int] = {}
+        self.ops = 0
+        self._consumer: Consumer | None = None
+
+    def load(self, partitions: list[int]) -> dict[str, set[str]]:
+        """Read these partitions from offset 0 and follow them from there on; returns the base
+        memories per cube whose counterparts may need an effect."""
+        partitions = [p for p in partitions if p not in self.positions]
+        found: dict[str, set[str]] = {}
+        if not partitions:
+            return found
+        done = read_partitions(self.settings, self.reader.topic, dict.fromkeys(partitions, 0),
+                               lambda msg: self._observe(msg, found))  # fmt: skip
+        for p, caught_up in done.items():
+            self.positions[p] = caught_up.next_offset
+        self._assign()
+        return found
+
+    def poll(self, limit: int = 5000) -> dict[str, set[str]]:
+        """What the followed partitions got since (without waiting)."""
+        found: dict[str, set[str]] = {}
+        if self._consumer is None or not self.positions:
+            return found
+        for msg in self._consumer.consume(limit, timeout=0):
+            if msg.error() is not None:
+                raise_if_fatal(msg.error())
+                continue
+            if msg.partition() in self.positions:
+                self._observe(msg, found)
+                self.positions[msg.partition()] = msg.offset() + 1
+        return found
+
+    def forget(self, partitions: set[int]) -> None:
+        for p in partitions:
+            self.positions.pop(p, None)
+        if self._consumer is not None:
+            self._assign()
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+
+    def _observe(self, msg: Message, found: dict[str, set[str]]) -> None:
+        event = self.reader.event(msg)
+        if event is None:
+            return  # another generation's op, or poison (counted by the follower's policy)
+        self.ops += 1
+        op = event.value
+        touched = self.carry.observe(op, msg.offset())
+        if touched:
+            found.setdefault(op["cube_id"], set()).update(touched)
+
+    def _assign(self) -> None:
+        if self._consumer is None:
+            self._consumer = Consumer({
+                "bootstrap.servers": self.settings.kafka_bootstrap,
+                "group.id": self.settings.group(f"base-ops-{uuid.uuid4().hex[:8]}"),
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+            })  # fmt: skip
+        topic = self.reader.topic
+        self._consumer.assign(
+            [TopicPartition(topic, p, offset) for p, offset in sorted(self.positions.items())]
+        )
 
 
 @dataclass
@@ -141,15 +228,25 @@ class ReaderProcessor(Processor):
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="reader-commit")
         self._commit: Future[None] | None = None  # the transaction in flight
         self._embedding: Embedding | None = None  # the batch extracted, not yet fused
+        g = self.generation
+        #: A re-extraction carries over what commands did to the generation it re-extracts;
+        #: while it is being built, from the start (later, once a command names an old memory).
+        self.carry = Carryover(g.base_ops, g.ops) if g.ops > 0 else None
+        self._eager = self.carry is not None and g.switched_at is None
+        self._base_ops: BaseOps | None = None
+        self._carry_due: set[int] = set()  # partitions whose memories all need a look
+        self._carry_touched: dict[str, set[str]] = {}  # base memories per cube, to carry
+        self._carry_polled = 0.0
         #: Seconds the writer's thread spent polling and waiting for the previous commit.
         self.seconds = {"poll": 0.0, "commit_wait": 0.0}
         self.counters = {"interactions": 0, "commands": 0, "ops_emitted": 0,
                          "commands_rejected": 0, "catch_up_ops": 0, "catch_up_s": 0.0,
-                         "poison_ops": 0}  # fmt: skip
+                         "poison_ops": 0, "carried_ops": 0}  # fmt: skip
 
     def open(self) -> None:
         s = self.settings
         self._ops_topic = s.topic(MEMORY_OPS.name)
+        self._ops = OpReader(s, self.codec, generation=self.generation.ops)
         self._results_topic = s.topic(COMMAND_RESULTS.name)
         self._commands_topic = s.topic(COMMANDS.name)
         group = self.generation.reader_group(s)
@@ -182,6 +279,8 @@ class ReaderProcessor(Processor):
             on_revoke=self._revoked_cb,
             on_lost=self._lost,
         )
+        if self.carry is not None:
+            self._base_ops = BaseOps(s, self.codec, self.carry)
 
     def close(self) -> None:
         self._drop()  # not committed: the next owner reads its events again
@@ -189,7 +288,7 @@ class ReaderProcessor(Processor):
         self._committer.shutdown()
         self.reader.close()
         for closer in (getattr(self, "_consumer", None), getattr(self, "_transactions", None),
-                       getattr(self, "_dlq", None)):  # fmt: skip
+                       getattr(self, "_dlq", None), self._base_ops):  # fmt: skip
             if closer is not None:
                 closer.close()
 
@@ -219,6 +318,8 @@ class ReaderProcessor(Processor):
             self._forget(gone)
         if now - self.owned:
             self._catch_up(sorted(now - self.owned))
+            if self._eager:
+                self._load_base(sorted(now - self.owned))
         self.owned = now
         self._revoked = set()
         self._assigned_once = True
@@ -240,6 +341,12 @@ class ReaderProcessor(Processor):
     def _forget(self, partitions: set[int]) -> None:
         n = self.settings.partitions
         dropped = self.memories.drop_cubes(lambda cube: partition_for(cube, n) in partitions)
+        if self.carry is not None and self._base_ops is not None:
+            self.carry.drop_cubes(lambda cube: partition_for(cube, n) in partitions)
+            self._base_ops.forget(partitions)
+            self._carry_due -= partitions
+            self._carry_touched = {c: ids for c, ids in self._carry_touched.items()
+                                   if partition_for(c, n) not in partitions}  # fmt: skip
         log.info("forgot partitions %s (%d memories)", sorted(partitions), dropped)
 
     def _catch_up(self, partitions: list[int]) -> None:
@@ -256,16 +363,74 @@ class ReaderProcessor(Processor):
                  {p: r.snapshot_offset for p, r in done.items()})  # fmt: skip
 
     def _fold_logged(self, msg: Message) -> None:
-        """Fold one op of the log; a poison op is skipped here (the views processor records it
-        in the dead-letter topic: one record per bad message)."""
-        try:
-            op = self.codec.decode(msg.value(), reader=MEMORY_OPS.record).record
-            if op["generation"] == self.generation.ops:  # the fold of this extraction only
-                self.memories.apply(op)
-        except (DecodeError, FoldError) as exc:
-            self.counters["poison_ops"] += 1
-            log.warning("skipping op at %s/%d@%d: %s", msg.topic(), msg.partition(),
-                        msg.offset(), exc)  # fmt: skip
+        """Fold one op of the log through the follower; a poison op is skipped here (the views
+        record it in the dead-letter topic: one record per bad message)."""
+        if self._ops.fold(self.memories, msg) is None:
+            self.counters["poison_ops"] = self._ops.poisoned
+
+    # carrying over a re-extracted generation's commands ------------------------------------
+
+    def _load_base(self, partitions: list[int]) -> None:
+        """Read the base generation's ops of these partitions (from offset 0); every memory of
+        them is looked at before the next transaction."""
+        if self._base_ops is None:
+            return
+        new = [p for p in partitions if p not in self._base_ops.positions]
+        if not new:
+            return
+        began = time.monotonic()
+        self._touch(self._base_ops.load(new))
+        self._carry_due |= set(new)
+        log.info("partitions %s: ops generation %d's ops read in %.2f s, to carry over",
+                 new, self.carry.base if self.carry else -1,
+                 time.monotonic() - began)  # fmt: skip
+
+    def _touch(self, found: dict[str, set[str]]) -> None:
+        for cube, ids in found.items():
+            self._carry_touched.setdefault(cube, set()).update(ids)
+
+    def _carried_items(self) -> list[Item]:
+        """The ops that carry over effects read since the last transaction (and, after an
+        assignment, those any memory of the new partitions still lacks), folded."""
+        if self.carry is None or self._base_ops is None:
+            return []
+        self._touch(self._base_ops.poll())
+        self._carry_polled = time.monotonic()
+        targets: list[str] = []
+        if self._carry_due:
+            n, due = self.settings.partitions, self._carry_due & self.owned
+            with self.memories.lock:
+                targets += [m.memory_id for m in self.memories.table.memories.values()
+                            if partition_for(m.cube_id, n) in due]  # fmt: skip
+            self._carry_due = set()
+        touched, self._carry_touched = self._carry_touched, {}
+        for cube, base_ids in touched.items():
+            if partition_for(cube, self.settings.partitions) in self.owned:
+                targets += self.carry.counterparts_of(self.memories, cube, base_ids)
+        ops = [
+            op
+            for target in dict.fromkeys(targets)
+            for op in self.carry.carry(self.memories, target)
+        ]
+        self.counters["carried_ops"] += len(ops)
+        return self._records(ops)
+
+    def _carry_births(self, ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The effects the memories these ops add must have at once (their source items'
+        memories of the base generation had them), folded."""
+        if self.carry is None or self._base_ops is None:
+            return []
+        loaded, n = self._base_ops.positions, self.settings.partitions
+        born = [
+            op["memory_id"]
+            for op in ops
+            if op["version"] == 1
+            and op["op"] in ("ADD", "MERGE")
+            and partition_for(op["cube_id"], n) in loaded
+        ]
+        carried = [c for memory_id in born for c in self.carry.carry(self.memories, memory_id)]
+        self.counters["carried_ops"] += len(carried)
+        return carried
 
     # the writer --------------------------------------------------------------------------------
 
@@ -284,6 +449,10 @@ class ReaderProcessor(Processor):
         offsets = [tp for tp in offsets if tp.partition in self.owned]
         if not offsets:
             self._finish()
+            if self._base_ops is not None and time.monotonic() - self._carry_polled >= 1.0:
+                items = self._carried_items()  # effects the old writer applied meanwhile
+                if items:
+                    self._publish(items, [], carry=False)
             return
         if all(e.topic != self._commands_topic for e in batch):
             # Extract this batch while the one before still embeds, then fuse and publish that
@@ -326,13 +495,22 @@ class ReaderProcessor(Processor):
         self._embedding = None
 
     def _op_items(self, ops: list[dict[str, Any]]) -> list[Item]:
-        """The reader's ops as records of the batch's transaction (and counted)."""
+        """The reader's ops as records of the batch's transaction (and counted), with the
+        effects a re-extraction carries over to the memories they add."""
+        return self._records([*ops, *self._carry_births(ops)])
+
+    def _records(self, ops: list[dict[str, Any]]) -> list[Item]:
         self.counters["ops_emitted"] += len(ops)
         return [(self._ops_topic, MEMORY_OPS.record, op["cube_id"], op) for op in ops]
 
-    def _publish(self, items: list[Item], offsets: list[TopicPartition]) -> None:
+    def _publish(
+        self, items: list[Item], offsets: list[TopicPartition], carry: bool = True
+    ) -> None:
         """One transaction: a batch's records and the consumer offsets past it, committed in a
-        thread of its own once the transaction before it committed."""
+        thread of its own once the transaction before it committed (a re-extraction's carried
+        effects read meanwhile go last: they are folded on top of the batch)."""
+        if carry:
+            items = [*items, *self._carried_items()]
         metadata = self._consumer.group_metadata()  # of this batch's generation, taken now
         self._committed()
         self._commit = self._committer.submit(
@@ -358,7 +536,18 @@ class ReaderProcessor(Processor):
 
     def _command(self, event: Event) -> list[Item]:
         command = event.value
-        outcome = apply_command(self.memories, command)
+        if (
+            self.carry is not None
+            and command["command"] in CARRIED
+            and self.memories.get(command["memory_id"]) is None
+        ):
+            # A memory of the generation this one re-extracts: applied to the memories
+            # re-extracted from its items (its old ops read first, once, and up to now).
+            self._load_base([event.partition])
+            self._touch(self._base_ops.poll() if self._base_ops else {})
+            outcome = self.carry.command(self.memories, command)
+        else:
+            outcome = apply_command(self.memories, command)
         self.counters["commands"] += 1
         if outcome.status == "REJECTED":
             self.counters["commands_rejected"] += 1

@@ -13,6 +13,14 @@ Every process runs a :class:`GenerationWatcher`, which follows the pointer in Mi
 when the next generation has caught up: its Milvus alias and ClickHouse views, the API's
 stores, then the processors (the new ones go on under the live names, the old ones stop), and
 only then drops the old generation's collection and table.
+
+A replay never takes the server down. A next generation that cannot start (reader settings
+that do not validate, a pointer from an older version or edited by hand) is abandoned at once,
+and one whose processors keep failing (``views-next``, ``reader-next``: the host gives up on
+them after its ``max_failures``, and tells this class instead of failing the process) is
+abandoned too: it is moved to ``failed`` in the pointer with the reason (``GET /v1/replay``,
+the log), every process stops its processors and drops what it had built of it, and the current
+generation serves on.
 """
 
 from __future__ import annotations
@@ -45,6 +53,11 @@ class Replay:
         self.runtime = runtime
         self.next_stores: Stores | None = None
         self.switches = 0
+        #: The next generation whose processors this process hosts (None: none).
+        self.hosting: int | None = None
+        #: Next processors the host gave up on: (generation id, processor, last error).
+        self._given_up: list[tuple[int, str, str | None]] = []
+        self._given_up_lock = threading.Lock()  # not _lock: a sync may be joining that thread
         self._lock = threading.RLock()
 
     @property
@@ -57,9 +70,11 @@ class Replay:
         return self._store.read()
 
     def start(self, kind: Kind, reader: dict[str, Any] | None = None) -> GenerationState:
-        """Begin building the next generation (``GenerationBusy`` while one is building)."""
+        """Begin building the next generation (``GenerationBusy`` while one is building;
+        ``InvalidReaderSettings``/``ValueError`` for one that could not start: nothing is
+        stored then)."""
         with self._lock:
-            state = self._store.read().begin(kind, reader)
+            state = self._store.read().begin(kind, reader, self.runtime.settings)
             self._store.write(state)
             log.info("replay: building generation %d (%s, ops generation %d)", state.next.id,
                      kind, state.next.ops)  # fmt: skip
@@ -71,24 +86,87 @@ class Replay:
         has caught up (a views process)."""
         with self._lock:
             state = state or self._store.read()
+            if state.repaired:  # an unreadable next generation: abandoned, on record
+                log.error("replay: %s; abandoned, generation %d keeps serving", state.repaired,
+                          state.current.id)  # fmt: skip
+                self._store.write(state)
             rt = self.runtime
             if state.current.id != rt.generation.id:
                 self._follow(state.current)
+            state = self._give_up_failed(state)
             nxt = state.next
+            if self.hosting is not None and (nxt is None or nxt.id != self.hosting):
+                self._stop_next(self.hosting)  # abandoned (by another process, maybe)
             if nxt is None:
                 return state
+            problem = nxt.problem(state.current, rt.settings)
+            if problem is not None:
+                return self._abandon(state, problem)
             if rt.stores is not None and NEXT_VIEWS not in rt.host.slots:
                 self.next_stores = rt.stores.for_generation(nxt)
-                rt.host.add(NEXT_VIEWS, rt.views(self.next_stores))
+                self._host(NEXT_VIEWS, rt.views(self.next_stores), nxt)
             if (
                 "reader" in rt.processors
                 and nxt.ops != state.current.ops
                 and NEXT_READER not in rt.host.slots
             ):
-                rt.host.add(NEXT_READER, rt.reader(nxt))
+                self._host(NEXT_READER, rt.reader(nxt), nxt)
             if rt.stores is not None and self._caught_up(state):
                 state = self._switch(state)
             return state
+
+    def _host(self, name: str, factory: Any, nxt: Generation) -> None:
+        """Host a next-generation processor; if it keeps failing, the host gives up on it
+        (not on the process) and the replay is abandoned at the next sync."""
+
+        def gave_up(processor: str, error: str | None) -> None:
+            with self._given_up_lock:
+                self._given_up.append((nxt.id, processor, error))
+
+        self.hosting = nxt.id
+        self.runtime.host.add(name, factory, on_give_up=gave_up)
+
+    def _give_up_failed(self, state: GenerationState) -> GenerationState:
+        """Abandon the next generation if the host gave up on one of its processors."""
+        with self._given_up_lock:
+            given_up, self._given_up = self._given_up, []
+        for generation, processor, error in given_up:
+            if state.next is not None and state.next.id == generation:
+                host = self.runtime.host
+                state = self._abandon(state, f"its processor {processor} failed "
+                                             f"{host.max_failures} times in {host.window_s:.0f}"
+                                             f" s (last: {error})")  # fmt: skip
+        return state
+
+    def _abandon(self, state: GenerationState, reason: str) -> GenerationState:
+        """Give up on the next generation: on record in the pointer, its processors stopped and
+        what was built of it dropped; the current generation serves on."""
+        nxt = state.next
+        assert nxt is not None
+        abandoned = state.abandoned(reason)
+        self._store.write(abandoned)
+        log.error("replay: generation %d (%s, ops generation %d) abandoned: %s; generation %d "
+                  "keeps serving", nxt.id, nxt.kind, nxt.ops, reason,
+                  state.current.id)  # fmt: skip
+        self._stop_next(nxt.id)
+        return abandoned
+
+    def _stop_next(self, generation: int) -> None:
+        """Stop this process's processors of an abandoned next generation and drop its views
+        (best effort: a failure leaves garbage behind, never a process down)."""
+        rt = self.runtime
+        for name in (NEXT_READER, NEXT_VIEWS):
+            rt.host.remove(name)
+        self.hosting = None
+        stores, self.next_stores = self.next_stores, None
+        if stores is None:
+            return
+        try:
+            stores.drop()
+            self._delete_group(stores.generation.views_group(rt.settings))
+        except Exception:
+            log.exception("replay: dropping abandoned generation %d failed (drop it by hand)",
+                          generation)  # fmt: skip
 
     def _caught_up(self, state: GenerationState) -> bool:
         nxt, s = state.next, self.runtime.settings
@@ -144,6 +222,8 @@ class Replay:
             elif rt.generation.ops != current.ops:
                 host.remove("reader")
                 host.add("reader", rt.reader(current))
+        if self.hosting == current.id:
+            self.hosting = None  # its processors are the live ones now
         rt.generation = current
 
     def _delete_group(self, group: str) -> None:

@@ -6,6 +6,8 @@ state from the log (snapshot + tail) instead of carrying on with a state it may 
 updated. A processor that fails ``max_failures`` times within ``window_s`` gives up: the host
 sets :attr:`Host.failed`, ``memstream serve`` drains the others (bounded) and exits non-zero, and
 the orchestrator (systemd, Kubernetes, compose ``restart: always``) starts a clean process.
+A processor hosted with an ``on_give_up`` callback is not critical (a replay's next generation):
+when it gives up, the host forgets it and calls the callback instead, and the process goes on.
 ``/readyz`` is red while any processor is not running, has not caught up, or has not finished a
 step for ``stall_s`` seconds (hung).
 """
@@ -27,6 +29,8 @@ from streams.runtime.processor import Processor
 log = logging.getLogger("memstream.host")
 
 Factory = Callable[[], Processor]
+#: Called with a processor's name and last error when the host gives up on it.
+GiveUp = Callable[[str, str | None], None]
 
 
 @dataclass
@@ -43,6 +47,8 @@ class Supervised:
     failures: deque[float] = field(default_factory=deque)
     thread: threading.Thread | None = None
     stop: threading.Event = field(default_factory=threading.Event)
+    #: Not critical: giving up on it calls this instead of failing the host.
+    on_give_up: GiveUp | None = None
 
 
 class Host:
@@ -86,13 +92,15 @@ class Host:
             if slot.thread is not None:
                 slot.thread.join(max(0.0, deadline - time.monotonic()))
 
-    def add(self, name: str, factory: Factory) -> None:
+    def add(self, name: str, factory: Factory, on_give_up: GiveUp | None = None) -> None:
         """Host one more processor (a replay's next generation), started at once if the host
-        runs."""
+        runs. With ``on_give_up`` it is not critical: once it fails ``max_failures`` times the
+        host forgets it and calls ``on_give_up(name, last_error)``, and :attr:`failed` stays
+        clear."""
         with self._lock:
             if name in self.slots:
                 raise ValueError(f"processor {name!r} is already hosted")
-            slot = self.slots[name] = Supervised(name, factory)
+            slot = self.slots[name] = Supervised(name, factory, on_give_up=on_give_up)
         if self._started:
             self._run(slot)
 
@@ -104,7 +112,7 @@ class Host:
         if slot is None:
             return
         slot.stop.set()
-        if slot.thread is not None:
+        if slot.thread is not None and slot.thread is not threading.current_thread():
             slot.thread.join(timeout)
             if slot.thread.is_alive():
                 log.warning("processor %s did not stop within %.0f s; forgotten while it stops",
@@ -115,11 +123,14 @@ class Host:
 
     def promote(self, source: str, target: str, timeout: float = 30.0) -> None:
         """Let the running ``source`` take ``target``'s place: ``target`` is stopped, and
-        ``source`` goes on, undisturbed, under the name ``target`` (a generation switch)."""
+        ``source`` goes on, undisturbed, under the name ``target`` (a generation switch), as
+        critical as ``target`` was (it takes its ``on_give_up``, None for a live processor)."""
+        replaced = self.slots.get(target)
         self.remove(target, timeout)
         with self._lock:
             slot = self.slots.pop(source)
             slot.name = target
+            slot.on_give_up = replaced.on_give_up if replaced is not None else None
             self.slots[target] = slot
 
     def get(self, name: str) -> Processor | None:
@@ -166,13 +177,29 @@ class Host:
             if len(slot.failures) >= self.max_failures:
                 log.error("processor %s failed %d times in %.0f s: giving up", slot.name,
                           len(slot.failures), self.window_s)  # fmt: skip
-                self.failed.set()
+                self._give_up(slot)
                 return
             slot.state = "restarting"
             slot.restarts += 1
             slot.stop.wait(backoff)
             backoff = min(backoff * 2, self.max_backoff_s)
         slot.state = "stopped"
+
+    def _give_up(self, slot: Supervised) -> None:
+        """A critical processor fails the host; one that is not is forgotten, and whoever
+        hosted it is told (a promotion in between makes it critical: it is read under the
+        lock)."""
+        with self._lock:
+            callback = slot.on_give_up
+            if callback is None:
+                self.failed.set()
+                return
+            if self.slots.get(slot.name) is slot:
+                del self.slots[slot.name]
+        try:
+            callback(slot.name, slot.last_error)
+        except Exception:
+            log.exception("processor %s: its give-up callback failed", slot.name)
 
     @staticmethod
     def _close(slot: Supervised) -> None:

@@ -22,9 +22,9 @@ from streams.api.app import create_app
 from streams.cli.app import app as cli
 from streams.pipeline.build import embedder_for
 from streams.pipeline.roles import Runtime, build_runtime
-from streams.runtime.partitions import read_partitions
 from streams.sdk import locomo
 from streams.settings import Settings
+from streams.transport.follower import read_partitions
 from streams.transport.topics import MEMORY_OPS, ensure_topics, partition_for
 
 pytestmark = pytest.mark.integration
@@ -268,10 +268,11 @@ def test_reextract_writes_a_new_generation_beside_the_old(
     started = api.post("/v1/replay", json={"mode": "reextract", "reader": {"merge_threshold": 0.8}})
     assert started.status_code == 202, started.text
     assert started.json()["next"] == {**started.json()["next"], "id": 2, "ops": 1}
-    assert (
-        api.post("/v1/replay", json={"mode": "reextract", "reader": {"embedder": "x"}}).status_code
-        == 409
-    )
+    busy = api.post("/v1/replay", json={"mode": "reextract", "reader": {"merge_threshold": 0.7}})
+    assert busy.status_code == 409, busy.text
+    # Settings that could not start are refused before anything else (and never stored).
+    bad = api.post("/v1/replay", json={"mode": "reextract", "reader": {"embedder": "x"}})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][-1] == "embedder"
     wait(lambda: api.get("/v1/replay").json()["current"]["id"] == 2, 240, "never switched")
     # The pointer flips first; this process's processors follow it right after (the old
     # writer stops, the new one takes its name), which on a loaded machine takes a moment.
