@@ -498,7 +498,7 @@ def _ceilings(
     # MinIO: the vault's own objects (archived memories), put raw; at least a few hundred so
     # the rate means something, cycling the bodies when the log archived fewer.
     recorder = _Recorder()
-    VaultSink(recorder, bucket).write(m for m in memories if m.status == "archived")  # type: ignore[arg-type]
+    VaultSink(recorder, bucket).put(m for m in memories if m.status == "archived")  # type: ignore[arg-type]
     bodies = recorder.objects or [("vault/none.json", b"{}")]
     count = min(MINIO_CEILING_OBJECTS, max(len(bodies), 300))
     client = minio_client(settings)
@@ -555,7 +555,7 @@ def rebuild(prefix: str, data_dir: Path, bucket: str, n: int) -> dict[str, Any]:
         with stores.lock:
             milvus_rows = stores.milvus.count()
             clickhouse_rows = stores.clickhouse.count_ops()
-        counters = dict(processor.counters)
+        counters = processor.stats()
         ws = stores.searcher.working_set.stats()["memories"]
         generation = getattr(processor, "generation", None)
         group = generation.views_group(settings) if generation else settings.group("views")

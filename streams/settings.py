@@ -144,7 +144,10 @@ class Settings(BaseSettings):
         description="Memories the search working set keeps in process (least recent cube out).",
     )
     merge_threshold: float = Field(
-        default=0.95, description="Cosine above which a new item is a repeat (MERGE)."
+        default=0.95,
+        ge=-1.0,
+        le=1.0,
+        description="Cosine above which a new item is a repeat (MERGE).",
     )
     llm_base_url: str | None = Field(
         default=None, description="OpenAI-compatible endpoint; set to extract with an LLM."
