@@ -164,3 +164,22 @@ def test_llm_extractor_speaks_the_openai_chat_api() -> None:
     assert request["auth"] == "Bearer sk-test"
     assert request["body"]["model"] == "tiny"
     assert "Monday 08 May 2023" in request["body"]["messages"][0]["content"]
+
+
+def test_a_live_generation_with_settings_refused_today_still_starts_its_writer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A pointer written by an older version may hold reader settings this one refuses: the
+    writer runs with the deployment's instead of raising at every start (a crash loop)."""
+    from streams.pipeline.reader import ReaderProcessor
+    from streams.runtime.generations import Generation
+    from streams.settings import Settings
+
+    bad = Generation(id=1, ops=1, kind="reextract", reader={"merge_threshold": "abc"})
+    settings = Settings(merge_threshold=0.9)
+    writer = ReaderProcessor(settings, HashEmbedder(), RuleExtractor(), None, generation=bad)  # type: ignore[arg-type]
+    assert writer.reader.merge_threshold == 0.9
+    assert "reader settings are invalid" in caplog.text
+    good = Generation(id=1, ops=1, kind="reextract", reader={"merge_threshold": 0.5})
+    writer = ReaderProcessor(settings, HashEmbedder(), RuleExtractor(), None, generation=good)  # type: ignore[arg-type]
+    assert writer.reader.merge_threshold == 0.5

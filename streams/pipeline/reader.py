@@ -60,7 +60,7 @@ from processors.fusion import CubeMemories
 from processors.ops import NAMESPACE
 from processors.reader import Extracted, MemReader, Sourced
 from schemas import Codec
-from streams.runtime.generations import Generation
+from streams.runtime.generations import Generation, InvalidReaderSettings
 from streams.runtime.partitions import restore_partitions
 from streams.runtime.processor import Processor
 from streams.runtime.snapshots import SnapshotStore
@@ -218,7 +218,15 @@ class ReaderProcessor(Processor):
         self.extractor = extractor
         self.snapshots = snapshots
         self.memories = CubeMemories(embedder.dim)
-        own = self.generation.reader_settings(settings)
+        try:
+            own = self.generation.reader_settings(settings)
+        except InvalidReaderSettings as exc:
+            # A live generation recorded by an older version with settings this one refuses:
+            # a writer that raised here would crash-loop the server on every start, so it runs
+            # with the deployment's settings and says so (a new re-extraction replaces it).
+            log.error("generation %d's reader settings are invalid (%s): running with the "
+                      "deployment's", self.generation.id, exc)  # fmt: skip
+            own = settings
         self.reader = MemReader(
             extractor, embedder, self.memories, own.merge_threshold, self.generation.ops
         )
