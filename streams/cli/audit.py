@@ -5,7 +5,8 @@ the process that serves it. ``--direct`` opens ClickHouse from the settings inst
 ClickHouse server or a chdb directory no process holds. Either way the statement goes through
 the same checks (:mod:`sinks.audit_sql`).
 
-Exit codes: 0 printed, 1 the query was refused or failed (the reason on stderr), 2 the API or
+Exit codes: 0 printed, 1 the query was refused or failed (the reason and its code on stderr;
+never ClickHouse's own message, which can hold what the query computed), 2 the API or
 ClickHouse could not be reached.
 """
 
@@ -23,7 +24,7 @@ from rich.table import Table
 
 from sinks.audit_sql import AuditError, AuditSQL, AuditUnavailable
 from sinks.stores import clickhouse_client
-from streams.sdk.client import MemoryClient
+from streams.sdk.client import AuditQueryError, MemoryClient
 from streams.sdk.http import APIError, APIUnavailable
 from streams.settings import Settings
 
@@ -48,6 +49,9 @@ def _through_api(sql: str, url: str) -> list[dict[str, Any]]:
     try:
         with MemoryClient(url) as client:
             return client.audit(sql)
+    except AuditQueryError as exc:
+        code = REFUSED if exc.status_code == 400 else UNREACHABLE
+        raise AuditCommandError(_said(exc.error, exc.code, exc.reason), code) from None
     except APIError as exc:
         if exc.status_code == 400:
             raise AuditCommandError(f"refused: {exc.detail}", REFUSED) from None
@@ -75,9 +79,15 @@ def _direct(sql: str, settings: Settings) -> list[dict[str, Any]]:
     except AuditUnavailable as exc:
         raise AuditCommandError(exc.reason, UNREACHABLE) from None
     except AuditError as exc:
-        raise AuditCommandError(f"refused: {exc.reason}", REFUSED) from None
+        raise AuditCommandError(_said(exc.error, exc.code, exc.reason), REFUSED) from None
     finally:
         client.close()
+
+
+def _said(error: str, code: str, reason: str) -> str:
+    """``refused: <reason> (<CODE>)``: the policy's or ClickHouse's verdict in our words."""
+    verb = {"audit_refused": "refused", "audit_failed": "failed"}.get(error, "unavailable")
+    return f"{verb}: {reason} ({code})"
 
 
 def render(rows: list[dict[str, Any]], fmt: str, title: str | None = None) -> None:

@@ -7,6 +7,7 @@ the sync client raises :class:`~streams.sdk.http.APIUnavailable` when nothing an
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import AsyncIterator, Iterable
 from datetime import datetime
@@ -19,6 +20,29 @@ from streams.sdk.subscribe import MemoryUpdate, http_updates
 from streams.settings import Settings
 from streams.transport.events import Interaction
 from streams.transport.producer import EventProducer
+
+
+class AuditQueryError(APIError):
+    """``POST /v1/audit`` did not answer rows: refused by the audit policy (400,
+    ``error="audit_refused"``), failed in ClickHouse (400, ``"audit_failed"``) or found no
+    ClickHouse (503, ``"audit_unavailable"``). ``code`` is stable (the policy's, or ClickHouse's
+    error name) and ``reason`` is the API's words, never ClickHouse's message."""
+
+    def __init__(self, status_code: int, error: str, code: str, reason: str) -> None:
+        super().__init__(status_code, reason)
+        self.error, self.code, self.reason = error, code, reason
+
+
+def _audit_error(exc: APIError) -> APIError:
+    """The audit error an error answer of ``/v1/audit`` describes, else ``exc`` itself."""
+    try:
+        detail = json.loads(exc.detail)
+    except ValueError:
+        return exc
+    if isinstance(detail, dict) and {"error", "code", "reason"} <= detail.keys():
+        return AuditQueryError(exc.status_code, str(detail["error"]), str(detail["code"]),
+                               str(detail["reason"]))  # fmt: skip
+    return exc
 
 
 def _interaction_json(item: dict[str, Any]) -> dict[str, Any]:
@@ -101,7 +125,12 @@ class MemoryClient:
         return self._http.json("GET", "/v1/replay")
 
     def audit(self, sql: str) -> list[dict[str, Any]]:
-        return self._http.json("POST", "/v1/audit", body={"sql": sql})
+        """The rows of one read-only SELECT on the audit tables; :class:`AuditQueryError` when
+        it is refused or fails."""
+        try:
+            return self._http.json("POST", "/v1/audit", body={"sql": sql})
+        except APIError as exc:
+            raise _audit_error(exc) from None
 
     def status(self, lag: bool = True) -> dict[str, Any]:
         """``GET /v1/status``; ``lag=False`` skips the group lag (the part that asks Kafka)."""

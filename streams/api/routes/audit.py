@@ -22,12 +22,16 @@ class AuditQuery(BaseModel):
 @router.post("/v1/audit")
 async def audit(body: AuditQuery, svc: ServiceDep) -> list[dict[str, Any]]:
     """One read-only SELECT on the audit tables (memory_ops, memory_versions, queries,
-    command_results), under fixed limits. 400 with the reason when it is refused or fails,
-    503 when ClickHouse cannot be reached."""
+    command_results), under fixed limits, on a read connection of its own (the views writer
+    never waits for it). 400 when it is refused or fails, 503 when ClickHouse cannot be reached,
+    with ``{"detail": {"error": "audit_refused" | "audit_failed" | "audit_unavailable", "code":
+    ..., "reason": ...}}``: a refusal says why in the policy's words, a failure gives
+    ClickHouse's error name and a reason of ours, never the engine's message (it can hold what
+    the query computed)."""
     stores = svc.stores()
     try:
         return await run_in_threadpool(stores.audit, body.sql)
     except AuditUnavailable as exc:
-        raise HTTPException(503, exc.reason) from exc
+        raise HTTPException(503, exc.as_dict()) from None
     except AuditError as exc:
-        raise HTTPException(400, exc.reason) from exc
+        raise HTTPException(400, exc.as_dict()) from None
