@@ -549,10 +549,10 @@ def rebuild(prefix: str, data_dir: Path, bucket: str, n: int) -> dict[str, Any]:
                     joined = time.perf_counter() - started
                 progress.update(task, completed=processor.counters["ops_folded"])
             if stores.milvus.unflushed:
-                with stores.lock:
+                with stores.milvus_lock:
                     stores.milvus.flush()
         seconds = time.perf_counter() - started
-        with stores.lock:
+        with stores.locked():
             milvus_rows = stores.milvus.count()
             clickhouse_rows = stores.clickhouse.count_ops()
         counters = processor.stats()

@@ -236,8 +236,11 @@ class ClickHouseSink:
             self.client.insert("command_results", rows, column_names=RESULT_COLUMNS)
         return len(rows)
 
-    def history(self, memory_id: str, max_hops: int = 64) -> list[dict[str, Any]]:
-        """Every version of the memory and of the memories it replaced or that replaced it."""
+    def history(
+        self, memory_id: str, max_hops: int = 64, client: Any = None
+    ) -> list[dict[str, Any]]:
+        """Every version of the memory and of the memories it replaced or that replaced it;
+        on ``client`` if given (a read connection of its own), else on the sink's."""
         lineage, frontier = set(), {memory_id}
         rows: list[dict[str, Any]] = []
         for _ in range(max_hops):
@@ -248,6 +251,7 @@ class ClickHouseSink:
                 f"SELECT {', '.join(HISTORY_COLUMNS)} FROM {self.ops_table} FINAL "
                 "WHERE memory_id IN {ids:Array(String)}",
                 {"ids": sorted(frontier)},
+                client,
             )
             rows.extend(found)
             linked = {r["superseded_by"] for r in found if r["superseded_by"]}
@@ -256,8 +260,10 @@ class ClickHouseSink:
         # A cube's ops share one partition: offset order is the order they happened in.
         return sorted(rows, key=lambda r: (r["partition"], r["offset"]))
 
-    def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        result = self.client.query(sql, parameters=parameters or {})
+    def query(
+        self, sql: str, parameters: dict[str, Any] | None = None, client: Any = None
+    ) -> list[dict[str, Any]]:
+        result = (client or self.client).query(sql, parameters=parameters or {})
         return [dict(zip(result.column_names, row, strict=True)) for row in result.result_rows]
 
     def count_ops(self, cube_id: str | None = None) -> int:

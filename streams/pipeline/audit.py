@@ -60,7 +60,7 @@ class AuditProcessor(Processor):
         # The sink contract (sinks/contract.py): a row ClickHouse refuses is dead-lettered, not
         # the batch around it; a store that is down raises before anything is committed.
         clickhouse = self.stores.clickhouse
-        with self.stores.lock:
+        with self.stores.clickhouse_lock:
             refused = clickhouse.write_isolating(queries, clickhouse.write_queries)
             refused += clickhouse.write_isolating(results, clickhouse.write_command_results)
         by_id = {e.value["event_id"]: e for e in batch}

@@ -7,7 +7,6 @@ processors; a restarted processor gets the same ones.
 
 from __future__ import annotations
 
-import copy
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,10 +54,12 @@ def generation_store(settings: Settings) -> GenerationStore:
 class Stores:
     """The view stores of one generation of a views process and the search over them.
 
-    ``lock`` serialises the embedded engines' clients between the views writer, the audit
-    writer and the API's reads (chdb and milvus-lite clients are not safe to share unguarded).
-    A replay's next generation shares the clients and the lock (:meth:`for_generation`): one
-    embedded engine per process.
+    Each store has a lock of its own: ``milvus_lock`` serialises the milvus-lite client between
+    the views writer and the API's listings, ``clickhouse_lock`` the ClickHouse client between
+    the views writer and the audit writer (chdb and milvus-lite clients are not safe to share
+    unguarded); the vault's MinIO client is thread-safe. :meth:`locked` takes both, in one
+    order. A replay's next generation shares the clients and the locks
+    (:meth:`for_generation`): one embedded engine per process.
 
     Reads of ClickHouse that may take long (audit SQL, a memory's history) take no lock: each
     opens a read connection of its own (:meth:`reading`). chdb 4.x hosts one engine per process
@@ -84,14 +85,21 @@ class Stores:
             self.milvus = milvus_view(settings, g.collection)
             self.clickhouse = ClickHouseSink(clickhouse_client(settings), g.ops_table)
             self.vault = VaultSink(minio_client(settings), settings.minio_bucket)
-            self.lock = threading.Lock()
+            self.milvus_lock = threading.Lock()
+            self.clickhouse_lock = threading.Lock()
         else:
-            with shared.lock:
+            self.milvus_lock, self.clickhouse_lock = shared.milvus_lock, shared.clickhouse_lock
+            with self.locked():
                 self.milvus = milvus_view(settings, g.collection, shared.milvus.client)
                 self.clickhouse = ClickHouseSink(shared.clickhouse.client, g.ops_table)
             self.vault = shared.vault
-            self.lock = shared.lock
         self.searcher = Searcher(self.milvus, embedder, settings.search_budget_rows)
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Both store locks (Milvus first, always): for what changes both stores at once."""
+        with self.milvus_lock, self.clickhouse_lock:
+            yield
 
     def for_generation(self, generation: Generation) -> Stores:
         """Fresh stores for another generation, on the same clients."""
@@ -99,13 +107,13 @@ class Stores:
 
     def activate(self) -> None:
         """Make these the stores other readers see: the Milvus alias, the ClickHouse views."""
-        with self.lock:
+        with self.locked():
             self.milvus.activate()
             self.clickhouse.activate()
 
     def drop(self) -> None:
         """Drop this (retired) generation's collection and ops table."""
-        with self.lock:
+        with self.locked():
             self.milvus.drop()
             self.clickhouse.drop()
 
@@ -123,10 +131,7 @@ class Stores:
         """Every version of the memory and of those it replaced or that replaced it, on a read
         connection: its lineage walk is a query per hop, and the writer need not wait for it."""
         with self.reading() as client:
-            reader = copy.copy(self.clickhouse)  # this generation's table on the read client:
-            # ClickHouseSink has no constructor that skips its DDL
-            reader.client = client
-            return reader.history(memory_id)
+            return self.clickhouse.history(memory_id, client=client)
 
     def audit(self, sql: str) -> list[dict[str, Any]]:
         """User SQL through the one audit executor, on a read connection of its own (a query
@@ -142,5 +147,5 @@ class Stores:
             client.close()
 
     def rows(self, expr: str, limit: int) -> list[dict[str, Any]]:
-        with self.lock:
+        with self.milvus_lock:
             return self.milvus.rows(expr, limit)

@@ -279,10 +279,13 @@ class ViewsProcessor(Processor):
 
     def _write(self, batch: Batch) -> list[Refused]:
         """Every sink writes the batch (an exception here leaves the position uncommitted)."""
+        stores = self.stores
         refused: list[Refused] = []
-        with self.stores.lock:
-            for sink in (self.stores.milvus, self.stores.vault, self.stores.clickhouse):
-                refused.extend(sink.write(batch))
+        with stores.milvus_lock:
+            refused += stores.milvus.write(batch)
+        refused += stores.vault.write(batch)  # MinIO's client is thread-safe
+        with stores.clickhouse_lock:
+            refused += stores.clickhouse.write(batch)
         return refused
 
     def _refused(
@@ -338,7 +341,7 @@ class ViewsProcessor(Processor):
         """When the log goes quiet (or partitions leave), seal what Milvus holds in memory."""
         self._commit()
         if self.stores.milvus.unflushed:
-            with self.stores.lock:
+            with self.stores.milvus_lock:
                 self.stores.milvus.flush()
             self.counters["milvus_flushes"] += 1
 

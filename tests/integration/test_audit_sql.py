@@ -603,7 +603,7 @@ def test_audit_and_history_never_wait_for_the_writer_s_lock(url: str, runtime: R
     written), both still answer (on main both waited for the lock, and the writer for them)."""
     [row] = rows(url, f"SELECT memory_id FROM memory_ops WHERE cube_id = '{CUBE}' LIMIT 1")
     assert runtime.stores is not None
-    with runtime.stores.lock:
+    with runtime.stores.locked():
         answer = audit(url, f"SELECT count() AS n FROM memory_ops WHERE cube_id = '{CUBE}'")
         history = httpx.get(f"{url}/v1/memories/{row['memory_id']}/history", timeout=60)
     assert answer.status_code == 200 and answer.json()[0]["n"] >= 4

@@ -92,7 +92,7 @@ def view(runtime: Runtime, cube: str) -> dict[str, Any]:
     ClickHouse ops, the collection and table names."""
     stores = runtime.stores
     assert stores is not None
-    with stores.lock:
+    with stores.locked():
         rows = {r["memory_id"]: r for r in stores.milvus.cube_rows(cube)}
         ops = stores.clickhouse.count_ops(cube)
     views = runtime.host.get("views")
@@ -178,7 +178,7 @@ def test_rebuild_gives_the_same_view_and_search_answers_meanwhile(
     # The old generation is gone; the audit names (views) show the new one.
     stores = runtime.stores
     assert stores is not None
-    with stores.lock:
+    with stores.locked():
         assert not stores.milvus.client.has_collection("memories")
         assert stores.clickhouse.query("EXISTS TABLE memory_ops_g0")[0]["result"] == 0
         audit = stores.clickhouse.query(

@@ -89,7 +89,7 @@ def publish_in_one_transaction(s: Settings, ops: list[dict[str, Any]]) -> None:
 def ops_in_clickhouse(runtime: Runtime, cube: str) -> set[str]:
     stores = runtime.stores
     assert stores is not None
-    with stores.lock:
+    with stores.locked():
         rows = stores.clickhouse.query(
             f"SELECT memory_id, op FROM {stores.clickhouse.ops_table} FINAL "
             "WHERE cube_id = {c:String}",
@@ -101,7 +101,7 @@ def ops_in_clickhouse(runtime: Runtime, cube: str) -> set[str]:
 def rows_in_milvus(runtime: Runtime, cube: str) -> set[str]:
     stores = runtime.stores
     assert stores is not None
-    with stores.lock:
+    with stores.locked():
         return {r["memory_id"] for r in stores.milvus.rows(f'cube_id == "{cube}"')}
 
 
@@ -153,11 +153,11 @@ def test_a_store_that_fails_mid_batch_leaves_the_batch_to_be_written_again(
     restarts = api.get("/v1/status").json()["processors"]["views"]["restarts"]
     stores = runtime.stores
     assert stores is not None
-    with stores.lock:  # the collection disappears between two steps
+    with stores.locked():  # the collection disappears between two steps
         stores.milvus.client.drop_collection(stores.milvus.collection)
     publish_in_one_transaction(s, [added(cube, i) for i in range(12)])
     wait(lambda: runtime.host.get("views") is not victim, 60, "the views never failed")
-    with stores.lock:
+    with stores.locked():
         stores.milvus._ensure()  # the store is back
     want = {f"{cube}-m{i}" for i in range(12)}
     wait(lambda: rows_in_milvus(runtime, cube) == want, 120, "the failed batch was lost")
