@@ -15,7 +15,7 @@ import pickle
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,7 +26,10 @@ from processors.fusion import CubeMemories
 from processors.reader import MemReader, Sourced
 from streams.query.search import Ranking, rank
 from streams.query.working_set import Snapshot, snapshot_of
-from streams.sdk import locomo
+from streams.transport.events import Interaction
+
+if TYPE_CHECKING:
+    from bench.quality import Asked, Conversation
 
 
 class CachedEmbedder:
@@ -62,18 +65,17 @@ class CachedEmbedder:
             self._new = 0
 
 
-def ingest(sample: locomo.Sample, reader_factory: Any, batch: int = 64) -> tuple[str, list[Memory]]:
+def ingest(name: str, interactions: list[Interaction], reader_factory: Any, batch: int = 64
+           ) -> list[Memory]:  # fmt: skip
     """Fold one conversation through a fresh reader, in the reader's batches; its memories."""
-    cube = f"locomo-{sample.sample_id}"
     reader: MemReader = reader_factory()
-    records = [i.model_dump() | {"metadata": {}, "role": "USER"}
-               for i in locomo.interactions(sample, cube)]  # fmt: skip
+    records = [i.model_dump() | {"metadata": {}} for i in interactions]
     for offset, record in enumerate(records):
-        record["event_id"] = f"{sample.sample_id}-{offset}"  # ids (and tie-breaks) repeatable
+        record["event_id"] = f"{name}-{offset}"  # ids (and tie-breaks) repeatable
     for start in range(0, len(records), batch):
         chunk = records[start : start + batch]
         reader.process([Sourced(r, "interactions", 0, start + n) for n, r in enumerate(chunk)])
-    return cube, list(reader.memories.table.memories.values())
+    return list(reader.memories.table.memories.values())
 
 
 GRID: dict[str, tuple[float, ...]] = {
@@ -85,51 +87,52 @@ GRID: dict[str, tuple[float, ...]] = {
 
 
 @dataclass
-class Conversation:
+class Prepared:
     """One ingested conversation, ready to be ranked many times over."""
 
-    sample: locomo.Sample
+    name: str
     snapshot: Snapshot
     keep: np.ndarray
-    questions: list[tuple[str, str, list[str], np.ndarray]]  # category, question, gold, vector
+    questions: list[tuple[Asked, np.ndarray]]  # every question, and its vector
     baselines: Any
 
 
-def prepare(samples: list[locomo.Sample], embedder: CachedEmbedder, progress: Any) -> list[
-        Conversation]:  # fmt: skip
+def prepare(conversations: list[Conversation], embedder: CachedEmbedder, progress: Any
+            ) -> list[Prepared]:  # fmt: skip
     from bench.quality import Baselines
 
     out = []
-    task = progress.add_task("ingesting in process", total=len(samples))
-    for sample in samples:
-        _, states = ingest(sample, lambda: MemReader(RuleExtractor(), embedder, CubeMemories(DIM)))
+    task = progress.add_task("ingesting in process", total=len(conversations))
+
+    def reader() -> MemReader:
+        return MemReader(RuleExtractor(), embedder, CubeMemories(DIM))
+
+    for conversation in conversations:
+        states = ingest(conversation.name, conversation.interactions(conversation.cube), reader)
         snapshot = snapshot_of(states)
-        known = locomo.turn_ids(sample)
-        asked = [(locomo.CATEGORIES.get(qa.get("category"), "other"), qa["question"],
-                  locomo.evidence(qa, known)) for qa in sample.qa]  # fmt: skip
-        asked = [(c, q, g) for c, q, g in asked if c != "adversarial" and g]
-        vectors = embedder.encode([q for _, q, _ in asked])
-        out.append(Conversation(
-            sample, snapshot, snapshot.mask(None, None, None, False),
-            [(c, q, g, v) for (c, q, g), v in zip(asked, vectors, strict=True)],
-            Baselines(sample, embedder),
+        vectors = embedder.encode([a.question for a in conversation.questions])
+        out.append(Prepared(
+            conversation.name, snapshot, snapshot.mask(None, None, None, False),
+            list(zip(conversation.questions, vectors, strict=True)),
+            Baselines(conversation.turns, embedder),
         ))  # fmt: skip
         embedder.save()
         progress.advance(task)
     return out
 
 
-def ranked_turns(conversation: Conversation, question: str, vector: np.ndarray,
+def ranked_turns(conversation: Prepared, question: str, vector: np.ndarray,
                  ranking: Ranking) -> list[str]:  # fmt: skip
     hits = rank(conversation.snapshot, question, vector, conversation.keep, 50, ranking)
     return list(dict.fromkeys(h.row["turn_id"] for h in hits if h.row["turn_id"]))[:20]
 
 
-def scores(conversation: Conversation, ranking: Ranking) -> list[tuple[str, dict[str, float]]]:
+def scores(conversation: Prepared, ranking: Ranking) -> list[tuple[str, dict[str, float]]]:
+    """(category, scores) of every question with evidence."""
     from bench.quality import score
 
-    return [(category, score(ranked_turns(conversation, q, v, ranking), gold))
-            for category, q, gold, v in conversation.questions]  # fmt: skip
+    return [(a.category, score(ranked_turns(conversation, a.question, v, ranking), a.gold))
+            for a, v in conversation.questions if a.gold]  # fmt: skip
 
 
 def grid() -> list[Ranking]:
@@ -138,13 +141,17 @@ def grid() -> list[Ranking]:
             for values in itertools.product(*GRID.values())]  # fmt: skip
 
 
-def cross_validate(conversations: list[Conversation], progress: Any, metric: str = "recall_all@10"
-                   ) -> tuple[dict[str, list[tuple[str, str, dict[str, float]]]],
-                              list[dict[str, Any]]]:  # fmt: skip
+Rows = dict[str, list[tuple[str, str, dict[str, float] | None]]]
+
+
+def cross_validate(conversations: list[Prepared], progress: Any, metric: str = "recall_all@10"
+                   ) -> tuple[Rows, list[dict[str, Any]], dict[str, list[str]]]:  # fmt: skip
     """Leave one conversation out: the ranking that scores best (``metric``, over the questions
     of the others) is chosen and reported on the one left out; every conversation is left out
-    once. Returns each system's (conversation, category, scores) rows and the choices."""
-    from bench.quality import score
+    once. Returns each system's (conversation, category, scores) rows (scores None: a question
+    without evidence, counted, not scored), the choices, and the cross-validated ranking's
+    turn ids per question (every question, by its key)."""
+    from bench.quality import score_or_none
 
     candidates = grid()
     task = progress.add_task("cross-validating", total=len(candidates) * len(conversations))
@@ -153,20 +160,23 @@ def cross_validate(conversations: list[Conversation], progress: Any, metric: str
         for n, conversation in enumerate(conversations):
             table[c, n] = sum(s[metric] for _, s in scores(conversation, ranking))
             progress.advance(task)
-    rows: dict[str, list[tuple[str, str, dict[str, float]]]] = {
-        "cv": [], "default": [], "bm25": [], "dense": []}  # fmt: skip
+    rows: Rows = {"cv": [], "default": [], "bm25": [], "dense": []}
     choices = []
+    ranked: dict[str, list[str]] = {}
     for held, conversation in enumerate(conversations):
         best = max(range(len(candidates)), key=lambda c: (sum(
             table[c, n] for n in range(len(conversations)) if n != held), -c))  # fmt: skip
-        choices.append({"held_out": conversation.sample.sample_id} | asdict(candidates[best]))
-        name = conversation.sample.sample_id
-        for category, s in scores(conversation, candidates[best]):
-            rows["cv"].append((name, category, s))
-        for category, s in scores(conversation, Ranking()):
-            rows["default"].append((name, category, s))
-        for category, q, gold, _ in conversation.questions:
-            rows["bm25"].append((name, category, score(conversation.baselines.bm25_rank(q), gold)))
-            rows["dense"].append((name, category,
-                                  score(conversation.baselines.dense_rank(q), gold)))  # fmt: skip
-    return rows, choices
+        choices.append({"held_out": conversation.name} | asdict(candidates[best]))
+        name = conversation.name
+        for asked, vector in conversation.questions:
+            q, gold = asked.question, asked.gold
+            ours = ranked_turns(conversation, q, vector, candidates[best])
+            ranked[asked.key] = ours
+            for system, turns in (
+                ("cv", ours),
+                ("default", ranked_turns(conversation, q, vector, Ranking())),
+                ("bm25", conversation.baselines.bm25_rank(q)),
+                ("dense", conversation.baselines.dense_rank(q)),
+            ):
+                rows[system].append((name, asked.category, score_or_none(turns, gold)))
+    return rows, choices, ranked

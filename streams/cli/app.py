@@ -211,7 +211,14 @@ def bench(
         list[int] | None,
         typer.Option("--size", help="search: memories in the store; kv: prefix tokens (repeat)."),
     ] = None,
-    data: Annotated[Path | None, typer.Option(help="quality: a LoCoMo-format file.")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="quality: a LoCoMo-format file, or a folder of BEAM conversations."),
+    ] = None,
+    dataset: Annotated[
+        str,
+        typer.Option(help="quality: locomo, beam or both (both: each dev set, no --data)."),
+    ] = "locomo",
     run_out: Annotated[
         Path | None, typer.Option(help="quality: write the ranked turn ids per question here.")
     ] = None,
@@ -248,10 +255,14 @@ def bench(
     elif name == "quality":
         from bench import quality
 
+        if dataset not in (*quality.DATASETS, "both"):
+            raise _fail(f"unknown dataset {dataset!r} (known: locomo, beam, both)")
+        if dataset == "both" and data is not None:
+            raise _fail("--data names one benchmark's data; --dataset both reads each dev set")
         if cv:
-            quality.cross_validated(data)
+            quality.cross_validated(data, dataset, run_out)
         else:
-            quality.run(data, run_out, peers=() if no_peer else ("mem0",))
+            quality.run(data, run_out, peers=() if no_peer else ("mem0",), dataset=dataset)
     elif name == "restart":
         from bench import restart
 
