@@ -22,6 +22,7 @@ import openai
 from openai import OpenAI
 
 from processors.dates import resolve
+from schemas.limits import KEY_BYTES, MEMORY_TEXT_BYTES, NAME_BYTES, TAG_BYTES, TAGS, cut_utf8
 
 READER_VERSION = "rules/2"
 
@@ -100,6 +101,55 @@ def split_sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE_END.split(text.strip()) if s.strip()]
 
 
+#: Room in a memory's text for what the rules put around a piece of the turn: the speaker
+#: (at most ``NAME_BYTES``) and " asked: ".
+_HEAD_BYTES = NAME_BYTES + 16
+#: The longest piece of a turn in one memory: with its head it fits Milvus' ``text``.
+PIECE_BYTES = MEMORY_TEXT_BYTES - _HEAD_BYTES
+_SPACE = frozenset(b" \t\n\r\x0b\x0c")
+
+
+def cut_text(text: str, max_bytes: int) -> list[str]:
+    """``text`` in pieces of at most ``max_bytes`` of UTF-8 each: cut at the last whitespace
+    that keeps a piece within the limit, else (one word longer than the limit) at the last
+    character boundary within it, never inside a character. A text within the limit is one
+    piece, as it is."""
+    if max_bytes < 4:
+        raise ValueError(f"a piece of {max_bytes} bytes may not hold one character")
+    data = text.encode("utf-8", "replace")
+    if len(data) <= max_bytes:
+        return [text]
+    pieces: list[str] = []
+    while len(data) > max_bytes:
+        end = max_bytes
+        while end > 0 and data[end] not in _SPACE and data[end - 1] not in _SPACE:
+            end -= 1
+        if end == 0:  # no whitespace: the last character boundary
+            end = max_bytes
+            while data[end] & 0xC0 == 0x80:  # a UTF-8 continuation byte
+                end -= 1
+        piece = data[:end].decode("utf-8").strip()
+        if piece:
+            pieces.append(piece)
+        data = data[end:].lstrip()
+    if data:
+        pieces.append(data.decode("utf-8"))
+    return pieces
+
+
+def fit(items: list[MemoryItem]) -> list[MemoryItem]:
+    """Items within the stores' limits: a text over ``MEMORY_TEXT_BYTES`` becomes items of its
+    pieces (:func:`cut_text`; the key stays with the first), tags over ``TAG_BYTES`` are left
+    out and at most ``TAGS`` kept, a key is cut to ``KEY_BYTES``."""
+    out = []
+    for item in items:
+        tags = tuple(t for t in item.tags if len(t.encode("utf-8", "replace")) <= TAG_BYTES)
+        key = cut_utf8(item.key, KEY_BYTES) if item.key else item.key
+        for i, piece in enumerate(cut_text(item.text, MEMORY_TEXT_BYTES)):
+            out.append(MemoryItem(piece, tags[:TAGS], key if i == 0 else None, item.dates))
+    return out
+
+
 def keywords(text: str, limit: int = 8) -> list[str]:
     """Distinct content words, proper names first, lower-cased."""
     words = _WORD.findall(text)
@@ -148,18 +198,20 @@ def own_words(memory_text: str) -> Turn:
     return Turn(speaker, said, asked=True) if sep else Turn("", head)
 
 
-def chunks(sentences: list[str], limit: int) -> list[str]:
-    """Consecutive sentences joined into pieces of at most ``limit`` words (a longer sentence is
-    a piece of its own)."""
+def chunks(sentences: list[str], limit: int, max_bytes: int = PIECE_BYTES) -> list[str]:
+    """Consecutive sentences joined into pieces of at most ``limit`` words and ``max_bytes`` of
+    UTF-8 (a longer sentence is a piece of its own; cut it first with :func:`cut_text`)."""
     pieces: list[list[str]] = [[]]
-    size = 0
+    size = nbytes = 0
     for sentence in sentences:
         words = len(sentence.split())
-        if pieces[-1] and size + words > limit:
+        length = len(sentence.encode("utf-8", "replace")) + 1
+        if pieces[-1] and (size + words > limit or nbytes + length > max_bytes):
             pieces.append([])
-            size = 0
+            size = nbytes = 0
         pieces[-1].append(sentence)
         size += words
+        nbytes += length
     return [" ".join(p) for p in pieces]
 
 
@@ -200,9 +252,10 @@ class RuleExtractor:
         content, _ = resolve(interaction["content"], interaction["event_time"])
         answering = previous is not None and previous.asked and previous.speaker != speaker
         sentences = [
-            s
+            piece
             for s in split_sentences(content)
             if _WORD.search(s) and (not _FILLER.match(s) or (answering and _ANSWER.match(s)))
+            for piece in cut_text(s, PIECE_BYTES)  # a memory's text has a limit (Milvus)
         ]
         if not sentences:
             return []
@@ -212,16 +265,23 @@ class RuleExtractor:
         if previous is not None and previous.text and previous.speaker != speaker:
             words = previous.text.split()
             snippet = " ".join(words[: self.context_words])
-            if len(words) > self.context_words:
-                snippet += " ..."
-            text += f"{_CONTEXT}{previous.speaker}: {snippet})"
+            # The context fills what the memory's limit leaves (a first part that fills it
+            # goes without); a cut snippet ends with " ...", as one of more words does.
+            head = f"{_CONTEXT}{previous.speaker}:  ...)"
+            room = MEMORY_TEXT_BYTES - len(f"{text}{head}".encode("utf-8", "replace"))
+            cut = room >= 16 and len(snippet.encode("utf-8", "replace")) > room
+            if cut:
+                snippet = cut_text(snippet, room)[0]
+            if room >= 16:
+                more = " ..." if cut or len(words) > self.context_words else ""
+                text += f"{_CONTEXT}{previous.speaker}: {snippet}{more})"
         keys = [subject_key(speaker, s) for s in sentences]
         alone = len(sentences) == 1
         items = [MemoryItem(text=text, tags=tuple(keywords(parts[0])),
                             key=keys[0] if alone else None,
                             dates=tuple(_RESOLVED.findall(parts[0])))]  # fmt: skip
         if alone:
-            return items
+            return fit(items)
         for part in parts[1:]:
             items.append(MemoryItem(text=f"{speaker} said: {part}", tags=tuple(keywords(part)),
                                     dates=tuple(_RESOLVED.findall(part))))  # fmt: skip
@@ -236,7 +296,7 @@ class RuleExtractor:
                         dates=tuple(_RESOLVED.findall(sentence)),
                     )
                 )
-        return items
+        return fit(items)
 
 
 LLM_PROMPT = """You extract long-term memories from one turn of a conversation.
@@ -342,15 +402,17 @@ class LLMExtractor:
             raise ValueError(f"LLM extractor returned no memories JSON: {content!r:.200}") from exc
         if not isinstance(memories, list):
             raise ValueError(f"LLM extractor returned memories that are no list: {memories!r:.200}")
-        return [
-            MemoryItem(
-                text=str(m["text"]),
-                tags=tuple(str(t).lower() for t in m.get("tags") or ()),
-                key=m.get("key") or None,
-            )
-            for m in memories
-            if isinstance(m, dict) and m.get("text")
-        ]
+        return fit(
+            [
+                MemoryItem(
+                    text=str(m["text"]),
+                    tags=tuple(str(t).lower() for t in m.get("tags") or ()),
+                    key=m.get("key") or None,
+                )
+                for m in memories
+                if isinstance(m, dict) and m.get("text")
+            ]
+        )
 
 
 def _retried_status(status: int) -> bool:

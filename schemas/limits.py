@@ -41,6 +41,22 @@ BODY_BYTES = 8 * 1024 * 1024
 #: to this many bytes, the reason to ``REASON_BYTES``; the lengths before cutting are kept.
 DEAD_LETTER_VALUE_BYTES = 512 * 1024
 REASON_BYTES = 4 * 1024
+#: The raw key of a dead-lettered message is cut to this many bytes (key and value together may
+#: fill the broker's whole message limit; the record with both cut stays well under it).
+DEAD_LETTER_KEY_BYTES = 16 * 1024
+#: A search query (``q``); a search or a command names at most ``TAGS`` tags of ``TAG_BYTES``.
+QUERY_BYTES = 8 * 1024
+#: A chat turn: its messages, and all their texts together (the local LM reads 8,192 tokens;
+#: a turn's last message is also published back as an interaction's content).
+CHAT_MESSAGES = 256
+CHAT_PROMPT_BYTES = 32 * 1024
+#: A chat's stop strings (at most 4), a model name of the OpenAI-compatible endpoint.
+STOP_BYTES = 256
+MODEL_NAME_BYTES = 512
+#: A sampling seed, either sign (torch takes 64 bits; JSON keeps integers exact up to 2^53).
+SEED_MAX = 2**53 - 1
+#: A stream position as an SSE event id: ``<partition>:<offset>``.
+POSITION_BYTES = 64
 #: Event and query times: the range of ClickHouse's ``DateTime64(3)``.
 EARLIEST_TIME = datetime(1900, 1, 1, tzinfo=UTC)
 LATEST_TIME = datetime(2299, 12, 31, 23, 59, 59, tzinfo=UTC)
@@ -65,6 +81,13 @@ def check_text(name: str, value: str, max_bytes: int) -> str:
     size = utf8_size(value)
     if size > max_bytes:
         raise ValueError(f"{name} is {size} bytes in UTF-8, over the limit of {max_bytes}")
+    return value
+
+
+def check_offset(name: str, value: int) -> int:
+    """``value`` if it is a log offset (0 .. ``OFFSET_MAX``), else ``ValueError``."""
+    if not 0 <= value <= OFFSET_MAX:
+        raise ValueError(f"{name} {value} is outside 0 .. {OFFSET_MAX} (a log offset)")
     return value
 
 

@@ -104,6 +104,28 @@ class Settings(BaseSettings):
     )
     api_host: str = "127.0.0.1"
     api_port: int = 8080
+    sse_max_streams: int = Field(
+        default=64,
+        ge=1,
+        description=(
+            "Update streams (SSE, GET /v1/cubes/{cube}/updates) one process serves at once; "
+            "each holds a Kafka consumer (four librdkafka threads, nine file descriptors) and a "
+            "thread. Over it: 429 with Retry-After."
+        ),
+    )
+    sse_max_per_client: int = Field(
+        default=8,
+        ge=1,
+        description="Update streams one client address may hold at once (over it: 429).",
+    )
+    sse_max_stream_s: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Seconds after which the server ends an update stream (the client resumes with "
+            "Last-Event-ID, nothing missed); unset: a stream lasts until the client leaves."
+        ),
+    )
     reader_batch: int | None = Field(
         default=None,
         ge=1,

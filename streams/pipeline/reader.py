@@ -83,7 +83,17 @@ Item = tuple[str, str, str, dict[str, Any]]
 
 
 def interaction_validator(settings: Settings) -> Callable[[Event], None]:
-    """Rules an event must meet before the writer takes it (else: dead-letter)."""
+    """Rules an event must meet before the writer takes it (else: dead-letter).
+
+    An interaction meets the limits the API checks at the door (:mod:`schemas.limits`, through
+    :func:`~streams.transport.events.interaction_problem`): one that reached the log by another
+    path (a producer of its own) and breaks them is dead-lettered here, so it never crashes the
+    writer and never reaches a view that would refuse it. A command names its cube and memory
+    within the same limits, on its cube's partition.
+    """
+    from schemas.limits import CUBE_ID_BYTES, ID_BYTES, VERSION_MAX
+    from streams.transport.events import interaction_problem
+
     commands_topic = settings.topic(COMMANDS.name)
 
     def validate(event: Event) -> None:
@@ -93,16 +103,17 @@ def interaction_validator(settings: Settings) -> Callable[[Event], None]:
         if event.topic == commands_topic:
             if partition_for(value["cube_id"], settings.partitions) != event.partition:
                 raise InvalidEvent("command not keyed by its cube_id (wrong partition)")
+            for name, limit in (("cube_id", CUBE_ID_BYTES), ("memory_id", ID_BYTES)):
+                size = len(value[name].encode())
+                if size > limit:
+                    raise InvalidEvent(f"{name} is {size} bytes, over the limit of {limit}")
+            expected = value.get("expected_version")
+            if expected is not None and not 1 <= expected <= VERSION_MAX:
+                raise InvalidEvent(f"expected_version {expected} is outside 1 .. {VERSION_MAX}")
             return
-        if not value["speaker"].strip():
-            raise InvalidEvent("missing speaker")
-        if not value["content"].strip():
-            raise InvalidEvent("empty content")
-        size = len(value["content"].encode())
-        if size > settings.max_event_bytes:
-            raise InvalidEvent(
-                f"content is {size} bytes, over the limit of {settings.max_event_bytes}"
-            )
+        problem = interaction_problem(value, settings.max_event_bytes)
+        if problem is not None:
+            raise InvalidEvent(problem)
 
     return validate
 

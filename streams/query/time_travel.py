@@ -22,6 +22,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from processors.fold import Memory, MemoryTable
 from schemas import Codec
+from schemas.limits import check_offset, check_time, cut_utf8
 from streams.runtime.generations import Generation
 from streams.runtime.snapshots import SnapshotStore
 from streams.settings import Settings
@@ -32,17 +33,21 @@ Point = datetime | int
 
 
 def parse_point(value: str) -> Point:
-    """``"1234"`` is an offset; anything else an ISO 8601 time (UTC unless it says)."""
+    """``"1234"`` is an offset; anything else an ISO 8601 time (UTC unless it says).
+
+    ``ValueError`` for anything else, an offset outside Kafka's (0 .. 2^63-1) or a time outside
+    the stores' range (:data:`~schemas.limits.EARLIEST_TIME` .. ``LATEST_TIME``)."""
     text = value.strip()
-    if text.isdigit():
-        return int(text)
+    if text.isascii() and text.isdigit():
+        return check_offset("offset", int(text))
+    shown = repr(cut_utf8(value, 64)) + ("..." if len(value) > 64 else "")
     try:
         at = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError as exc:
-        raise ValueError(f"{value!r} is neither an offset nor an ISO 8601 time") from exc
+        raise ValueError(f"{shown} is neither an offset nor an ISO 8601 time") from exc
     if at.tzinfo is None:
         at = at.replace(tzinfo=UTC)
-    return at
+    return check_time("time", at)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,13 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from schemas import Codec, DecodeError
+from schemas.limits import (
+    DEAD_LETTER_KEY_BYTES,
+    DEAD_LETTER_VALUE_BYTES,
+    NAME_BYTES,
+    REASON_BYTES,
+    cut_utf8,
+)
 from streams.settings import Settings
 from streams.transport.events import utcnow
 from streams.transport.producer import EventProducer
@@ -271,8 +278,9 @@ def dead_letter(
     reason: str,
     worker: str,
 ) -> None:
-    """Publish a message that could not be handled to the DLQ, byte for byte, with where it came
-    from and why; returns once the DLQ acknowledged it (only then may its offset move on)."""
+    """Publish a message that could not be handled to the DLQ, byte for byte (up to the limits of
+    :func:`dead_letter_bytes`), with where it came from and why; returns once the DLQ
+    acknowledged it (only then may its offset move on)."""
     dead_letter_bytes(
         producer,
         settings,
@@ -302,7 +310,30 @@ def dead_letter_bytes(
 ) -> None:
     """:func:`dead_letter` for a message known by its coordinates and bytes (a consumer other
     than confluent-kafka's, such as Faust's). The DLQ event id is derived from the coordinates,
-    so two processors that refuse the same message record it once."""
+    so two processors that refuse the same message record it once.
+
+    No message can make its own dead letter fail: a key, value or reason over its limit
+    (:data:`~schemas.limits.DEAD_LETTER_KEY_BYTES`, :data:`~schemas.limits.DEAD_LETTER_VALUE_BYTES`,
+    :data:`~schemas.limits.REASON_BYTES`) is cut to its first bytes, its length before the cut
+    kept in the record (``key_bytes``, ``value_bytes``, ``error_bytes``) and the reason says so.
+    Everything else of the record is memstream's own and small, so it always fits the topic.
+    """
+    cut_key, key_bytes = _cut(key, DEAD_LETTER_KEY_BYTES)
+    cut_value, value_bytes = _cut(value, DEAD_LETTER_VALUE_BYTES)
+    notes = [f"{name} cut to its first {limit} of {size} bytes"
+             for name, limit, size in (("key", DEAD_LETTER_KEY_BYTES, key_bytes),
+                                       ("value", DEAD_LETTER_VALUE_BYTES, value_bytes))
+             if size is not None]  # fmt: skip
+    encoded = reason.encode("utf-8", "replace")  # a lone surrogate in it becomes "?"
+    reason, error_bytes = encoded.decode("utf-8"), len(encoded)
+    if error_bytes > REASON_BYTES - _NOTES_ROOM:
+        notes.insert(0, f"reason cut to its first {REASON_BYTES - _NOTES_ROOM} of "
+                        f"{error_bytes} bytes")  # fmt: skip
+        reason = cut_utf8(reason, REASON_BYTES - _NOTES_ROOM)
+    else:
+        error_bytes = None  # type: ignore[assignment]
+    if notes:
+        reason = f"{reason} [{'; '.join(notes)}]"
     producer.publish(
         settings.topic(DLQ.name),
         topic,
@@ -312,11 +343,25 @@ def dead_letter_bytes(
             "source_topic": topic,
             "partition": partition,
             "offset": offset,
-            "key": key,
-            "value": value,
-            "error_type": error_type,
+            "key": cut_key,
+            "value": cut_value,
+            "error_type": cut_utf8(error_type, NAME_BYTES),
             "error": reason,
-            "worker": worker,
+            "worker": cut_utf8(worker, NAME_BYTES),
             "failed_at": utcnow(),
+            "key_bytes": key_bytes,
+            "value_bytes": value_bytes,
+            "error_bytes": error_bytes,
         },
     )
+
+
+#: Bytes of a dead letter's reason kept for the notes on what was cut (three short sentences).
+_NOTES_ROOM = 256
+
+
+def _cut(data: bytes | None, limit: int) -> tuple[bytes | None, int | None]:
+    """``data`` cut to ``limit`` bytes, and its length before the cut (None: not cut)."""
+    if data is None or len(data) <= limit:
+        return data, None
+    return bytes(data[:limit]), len(data)

@@ -32,6 +32,11 @@ class ContentTooLarge(ValueError):
     """An interaction larger than ``max_event_bytes``: refused before it reaches the log."""
 
 
+class EventTooLarge(ValueError):
+    """An event whose encoding is over the producer's message limit: refused, with the batch it
+    came in, before anything of the batch is produced (the broker would refuse it anyway)."""
+
+
 @dataclass(frozen=True)
 class Delivered:
     """Where an acknowledged event landed in the log."""
@@ -56,20 +61,21 @@ class EventProducer:
     ) -> None:
         self.settings = settings or Settings()
         self.codec = codec or Codec()
-        self._producer = Producer(
-            {
-                "bootstrap.servers": self.settings.kafka_bootstrap,
-                "enable.idempotence": True,
-                "acks": "all",
-                "linger.ms": 5,
-                "compression.type": "lz4",
-                # murmur2 like the Java client and aiokafka (Faust): every producer of a keyed
-                # topic must agree, or co-partitioning by cube breaks.
-                "partitioner": "murmur2_random",
-                "message.max.bytes": max(1_000_000, 2 * self.settings.max_event_bytes),
-                **(config or {}),
-            }
-        )
+        options = {
+            "bootstrap.servers": self.settings.kafka_bootstrap,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "compression.type": "lz4",
+            # murmur2 like the Java client and aiokafka (Faust): every producer of a keyed
+            # topic must agree, or co-partitioning by cube breaks.
+            "partitioner": "murmur2_random",
+            "message.max.bytes": max(1_000_000, 2 * self.settings.max_event_bytes),
+            **(config or {}),
+        }
+        #: The largest encoded event this producer publishes (key and headers need the rest).
+        self.max_value_bytes = int(options["message.max.bytes"]) - 4096
+        self._producer = Producer(options)
         self._lock = threading.Lock()
         self.transactional = "transactional.id" in (config or {})
         if self.transactional:
@@ -101,12 +107,17 @@ class EventProducer:
 
             return callback
 
-        count = 0
+        encoded = [(key, self.codec.encode(record, value)) for key, value in items]
+        for index, (_, payload) in enumerate(encoded):
+            if len(payload) > self.max_value_bytes:
+                raise EventTooLarge(
+                    f"{record} #{index} is {len(payload)} bytes encoded, over the limit of "
+                    f"{self.max_value_bytes}"
+                )
+        count = len(encoded)
         with self._lock:
-            for index, (key, value) in enumerate(items):
-                payload = self.codec.encode(record, value)
+            for index, (key, payload) in enumerate(encoded):
                 self._produce(topic, key, payload, on_delivery(index))
-                count += 1
             self._producer.flush(timeout)
         failed = {index for index, _ in failures}
         failures.extend(

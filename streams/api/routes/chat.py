@@ -12,26 +12,63 @@ prompt, the prefix cache used, the adapter, timings and the interactions publish
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 from sse_starlette.sse import EventSourceResponse
 
+from schemas.limits import (
+    CHAT_MESSAGES,
+    CHAT_PROMPT_BYTES,
+    MODEL_NAME_BYTES,
+    NAME_BYTES,
+    SEED_MAX,
+    STOP_BYTES,
+    cut_utf8,
+    utf8_size,
+)
 from streams.api.deps import Service, service
+from streams.api.limits import ErrorBody, JsonBool, json_float, json_int
 from streams.pipeline.chat import ChatError, ChatRequest, ChatResult, ChatService, Piece, Turn
 from streams.pipeline.chat import chat_service as build_chat_service
+from streams.transport.events import SessionId, Speaker, bounded, text_check
 
+log = logging.getLogger("memstream.api")
 router = APIRouter(tags=["chat"])
 ServiceDep = Annotated[Service, Depends(service)]
 MODEL_PREFIX = "memstream"
 CUBE_HEADER = "X-Memstream-Cube"
 CUBE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,255}$")
 MAX_NEW_TOKENS = 2048
+#: A message's text: valid Unicode; all of a turn's together at most CHAT_PROMPT_BYTES.
+MessageText = Annotated[str, text_check(CHAT_PROMPT_BYTES)]
+Stop = bounded(STOP_BYTES)
+Seed = json_int(ge=-SEED_MAX, le=SEED_MAX)
+TopK = json_int(ge=0, le=50)
+Tokens = json_int(ge=1, le=MAX_NEW_TOKENS)
+Temperature = json_float(ge=0.0, le=2.0)
+TopP = json_float(gt=0.0, le=1.0)
+
+
+def prompt_problem(texts: Iterable[str]) -> str | None:
+    """Why a turn's messages are too long for the LM, or None."""
+    size = sum(utf8_size(t) for t in texts)
+    if size > CHAT_PROMPT_BYTES:
+        return (f"the messages are {size} bytes in UTF-8 together, over the limit of "
+                f"{CHAT_PROMPT_BYTES}")  # fmt: skip
+    return None
+
+
+def _shown(value: str, limit: int = 64) -> str:
+    """``repr`` of a value a message names, cut to a readable length."""
+    return repr(cut_utf8(value, limit)) + ("..." if len(value) > limit else "")
 
 
 def chat_of(svc: Service) -> ChatService:
@@ -55,7 +92,7 @@ def chat_status(svc: Service) -> dict[str, Any]:
 def _check_cube(cube_id: str) -> str:
     if not CUBE.match(cube_id):
         raise ChatError(
-            f"{cube_id!r} is not a cube name: letters, digits and . _ : @ - (at most 256, "
+            f"{_shown(cube_id)} is not a cube name: letters, digits and . _ : @ - (at most 256, "
             "starting with a letter or digit)",
             400,
             "invalid_cube",
@@ -68,32 +105,65 @@ def _check_cube(cube_id: str) -> str:
 
 class MessageIn(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: MessageText
 
 
 class ChatIn(BaseModel):
-    """A turn: the conversation so far, ending with the user's message (or just ``message``)."""
+    """A turn: the conversation so far, ending with the user's message (or just ``message``).
+    At most 256 messages, and 32 KiB of UTF-8 in all their texts together."""
 
-    messages: list[MessageIn] = Field(default_factory=list)
-    message: str | None = Field(default=None, description="Appended as the last user message.")
-    stream: bool = True
-    max_new_tokens: int = Field(default=128, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list, max_length=4)
-    top_k: int = Field(default=5, ge=0, le=50, description="Memories retrieved for the turn.")
-    session_id: str = "chat"
-    user: str = Field(default="user", min_length=1, description="The speaker of user messages.")
-    publish: bool = Field(default=True, description="Publish the turn back as interactions.")
-    debug: bool = Field(default=False, description="Include the whole prompt in the answer.")
+    messages: list[MessageIn] = Field(default_factory=list, max_length=CHAT_MESSAGES)
+    message: MessageText | None = Field(
+        default=None, description="Appended as the last user message."
+    )
+    stream: JsonBool = True
+    max_new_tokens: Tokens = 128
+    temperature: Temperature = 0.0
+    top_p: TopP = 1.0
+    seed: Seed | None = None
+    stop: list[Stop] = Field(default_factory=list, max_length=4)
+    top_k: TopK = Field(default=5, description="Memories retrieved for the turn.")
+    session_id: SessionId = "chat"
+    user: Speaker = Field(default="user", description="The speaker of user messages.")
+    publish: JsonBool = Field(default=True, description="Publish the turn back as interactions.")
+    debug: JsonBool = Field(default=False, description="Include the whole prompt in the answer.")
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> ChatIn:
+        texts = [m.content for m in self.messages] + [self.message or ""]
+        if (problem := prompt_problem(texts)) is not None:
+            raise ValueError(problem)
+        return self
+
+
+class ChatErrorBody(BaseModel):
+    """Why a chat turn was refused (4xx) or could not be answered (5xx)."""
+
+    detail: str
+    code: str | None = Field(
+        default=None,
+        description="The kind of refusal; absent where the body could not be read at all.",
+    )
 
 
 def _error_body(exc: ChatError) -> dict[str, Any]:
     return {"detail": str(exc), "code": exc.code}
 
 
-@router.post("/v1/cubes/{cube_id}/chat")
+_CHAT_ANSWERS: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "``stream``: server-sent events ``token``, then ``done`` or ``error``; "
+        "else the ``done`` object as JSON.",
+        "content": {"text/event-stream": {}, "application/json": {}},
+    },
+    400: {"model": ChatErrorBody, "description": "A turn that cannot be answered as asked."},
+    413: {"model": ErrorBody, "description": "The request body is over the limit."},
+    502: {"model": ChatErrorBody, "description": "Proxy mode: the LLM endpoint failed."},
+    503: {"model": ChatErrorBody, "description": "No views here, or the LM is not installed."},
+}
+
+
+@router.post("/v1/cubes/{cube_id}/chat", responses=_CHAT_ANSWERS)
 async def chat(cube_id: str, body: ChatIn, svc: ServiceDep) -> Any:
     """Answer with the cube's memory. ``stream`` (default): server-sent events ``token``
     (``{"text"}``) then ``done`` (the memory ids used, the prefix cache, timings, the
@@ -147,7 +217,13 @@ async def _finish(service_: ChatService, turn: Turn) -> ChatResult:
 
 
 def _describe(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, ChatError) else f"{type(exc).__name__}: {exc}"
+    """What the caller is told: a :class:`ChatError`'s own reason; of anything else only its
+    kind and an id to find it in the server's log (engine text never reaches the caller)."""
+    if isinstance(exc, ChatError):
+        return str(exc)
+    incident = uuid.uuid4().hex[:12]
+    log.error("chat turn failed (incident %s)", incident, exc_info=exc)
+    return f"the turn failed ({type(exc).__name__}; incident {incident} in the server log)"
 
 
 def _headers(turn: Turn) -> dict[str, str]:
@@ -172,32 +248,77 @@ class OpenAIError(Exception):
 class OpenAIExtension(BaseModel):
     """``memstream`` in the request body (``extra_body={"memstream": {...}}``)."""
 
-    top_k: int = Field(default=5, ge=0, le=50)
-    session_id: str = "chat"
-    publish: bool = True
-    debug: bool = False
+    top_k: TopK = 5
+    session_id: SessionId = "chat"
+    publish: JsonBool = True
+    debug: JsonBool = False
 
 
 class OpenAIMessage(BaseModel):
-    role: str
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
+    role: bounded(32)  # type: ignore[valid-type]
+    content: MessageText | list[dict[str, Any]] | None = None
+    name: bounded(NAME_BYTES) | None = None  # type: ignore[valid-type]
 
 
 class OpenAIChatIn(BaseModel):
-    model: str
-    messages: list[OpenAIMessage]
-    stream: bool = False
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int | None = Field(default=None, ge=1)
-    user: str | None = None
+    model: bounded(MODEL_NAME_BYTES)  # type: ignore[valid-type]
+    messages: list[OpenAIMessage] = Field(max_length=CHAT_MESSAGES)
+    stream: JsonBool = False
+    max_tokens: Tokens | None = None
+    max_completion_tokens: Tokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    seed: Seed | None = None
+    stop: Stop | list[Stop] | None = Field(default=None)
+    n: json_int(ge=1) | None = None  # type: ignore[valid-type]
+    user: Speaker | None = None
     stream_options: dict[str, Any] | None = None
     memstream: OpenAIExtension = Field(default_factory=OpenAIExtension)
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str
+
+
+class OpenAIErrorBody(BaseModel):
+    """OpenAI's error shape."""
+
+    error: OpenAIErrorDetail
+
+
+def _inline(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its ``$defs`` written in place (for ``openapi_extra``)."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)
+
+
+_OPENAI_ERROR = {"model": OpenAIErrorBody}
+_OPENAI_ANSWERS: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "A ``chat.completion``, or with ``stream`` its chunks as server-sent "
+        "events ending with ``[DONE]``.",
+        "content": {"application/json": {}, "text/event-stream": {}},
+    },
+    400: {**_OPENAI_ERROR, "description": "A request that cannot be answered as asked."},
+    404: {**_OPENAI_ERROR, "description": "The model names no cube."},
+    413: {"model": ErrorBody, "description": "The request body is over the limit."},
+    502: {**_OPENAI_ERROR, "description": "Proxy mode: the LLM endpoint failed."},
+    503: {**_OPENAI_ERROR, "description": "No views here, or the LM is not installed."},
+}
 
 
 def cube_of(model: str, header: str | None) -> str:
@@ -208,24 +329,26 @@ def cube_of(model: str, header: str | None) -> str:
         if not CUBE.match(named):
             raise OpenAIError(
                 400,
-                f"model {model!r}: {named!r} is not a cube name (letters, digits and . _ : @ -, "
-                "starting with a letter or digit)",
+                f"model {_shown(model)}: {_shown(named)} is not a cube name (letters, digits and "
+                ". _ : @ -, starting with a letter or digit, at most 256)",
                 "invalid_model",
                 "model",
             )
     if header is not None:
         header = header.strip()
         if not CUBE.match(header):
-            raise OpenAIError(400, f"{CUBE_HEADER}: {header!r} is not a cube name", "invalid_cube")
+            raise OpenAIError(400, f"{CUBE_HEADER}: {_shown(header)} is not a cube name",
+                              "invalid_cube")  # fmt: skip
         if named is not None and named != header:
-            raise OpenAIError(400, f"model {model!r} names cube {named!r} but {CUBE_HEADER} "
-                              f"says {header!r}", "cube_conflict", "model")  # fmt: skip
+            raise OpenAIError(400, f"model {_shown(model)} names cube {_shown(named)} but "
+                              f"{CUBE_HEADER} says {_shown(header)}", "cube_conflict",
+                              "model")  # fmt: skip
         return header
     if named is None:
         raise OpenAIError(
             404,
-            f"the model {model!r} does not exist: name a cube as '{MODEL_PREFIX}/<cube>' (GET "
-            f"/v1/models lists them) or send the cube in the {CUBE_HEADER} header",
+            f"the model {_shown(model)} does not exist: name a cube as '{MODEL_PREFIX}/<cube>' "
+            f"(GET /v1/models lists them) or send the cube in the {CUBE_HEADER} header",
             "model_not_found",
             "model",
         )
@@ -237,23 +360,31 @@ def _messages(body: OpenAIChatIn) -> list[dict[str, str]]:
     for i, m in enumerate(body.messages):
         role = "system" if m.role == "developer" else m.role
         if role not in ("system", "user", "assistant"):
-            raise OpenAIError(400, f"messages[{i}]: role {m.role!r} is not supported (system, "
-                              "developer, user, assistant)", "invalid_role",
+            raise OpenAIError(400, f"messages[{i}]: role {_shown(m.role)} is not supported "
+                              "(system, developer, user, assistant)", "invalid_role",
                               f"messages[{i}].role")  # fmt: skip
         content = m.content
         if isinstance(content, list):
             parts = []
             for part in content:
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    kind = part.get("type")
                     raise OpenAIError(400, f"messages[{i}]: only text content parts are "
-                                      f"supported, not {part.get('type')!r}",
+                                      f"supported, not {_shown(str(kind))}",
                                       "invalid_content", f"messages[{i}].content")  # fmt: skip
+                try:
+                    utf8_size(part["text"])
+                except ValueError as exc:
+                    raise OpenAIError(400, f"messages[{i}]: {exc}", "invalid_content",
+                                      f"messages[{i}].content") from exc  # fmt: skip
                 parts.append(part["text"])
             content = "\n".join(parts)
         if content is None:
             raise OpenAIError(400, f"messages[{i}] has no content", "invalid_content",
                               f"messages[{i}].content")  # fmt: skip
         out.append({"role": role, "content": content})
+    if (problem := prompt_problem(m["content"] for m in out)) is not None:
+        raise OpenAIError(400, problem, "prompt_too_long", "messages")
     return out
 
 
@@ -276,7 +407,16 @@ def _extension(result: ChatResult) -> dict[str, Any]:
     return body
 
 
-@router.post("/v1/chat/completions")
+@router.post(
+    "/v1/chat/completions",
+    responses=_OPENAI_ANSWERS,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _inline(OpenAIChatIn.model_json_schema())}},
+        }
+    },
+)
 async def chat_completions(request: Request, svc: ServiceDep) -> Any:
     """OpenAI's chat completions, answered with the cube's memory (see the module doc)."""
     try:
@@ -373,7 +513,14 @@ async def models(svc: ServiceDep) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
-@router.get("/v1/models/{model:path}")
+@router.get(
+    "/v1/models/{model:path}",
+    responses={
+        400: {**_OPENAI_ERROR, "description": "The model names no valid cube."},
+        # A name the path does not match at all (a line break) is the router's plain 404.
+        404: {"model": OpenAIErrorBody | ErrorBody, "description": "No such model."},
+    },
+)
 async def model(model: str, svc: ServiceDep) -> Any:
     """One model: ``memstream`` or ``memstream/<cube>`` (any valid cube name)."""
     try:

@@ -11,14 +11,30 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Response
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, Field
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field, ValidationError
 
+from schemas.limits import BATCH_ITEMS, QUERY_BYTES, TAG_BYTES, TAGS
 from sinks.milvus import row_fields
 from streams.api.deps import Service, service
+from streams.api.limits import CubePath, MemoryPath, QueryTime, errors
 from streams.query.search import Result, build_filter
 from streams.query.time_travel import PastView, Point, parse_point
-from streams.transport.events import Interaction, Role, utcnow
-from streams.transport.producer import ContentTooLarge
+from streams.transport.events import (
+    Actor,
+    Content,
+    EventId,
+    EventTime,
+    Interaction,
+    Metadata,
+    Role,
+    SessionId,
+    Speaker,
+    TurnId,
+    text_check,
+    utcnow,
+)
+from streams.transport.producer import ContentTooLarge, EventTooLarge, PublishError
 from streams.transport.topics import QUERIES
 
 router = APIRouter(tags=["memories"])
@@ -27,17 +43,20 @@ ServiceDep = Annotated[Service, Depends(service)]
 
 
 class InteractionIn(BaseModel):
-    """An interaction as an agent posts it; the cube comes from the path."""
+    """An interaction as an agent posts it; the cube comes from the path. Texts are checked in
+    UTF-8 bytes against :mod:`schemas.limits` (a ``maxLength`` here is that many bytes);
+    content, speaker and session must not be blank; the content's limit is the deployment's
+    ``max_event_bytes`` (413 over it)."""
 
-    content: str = Field(min_length=1)
-    speaker: str = Field(min_length=1)
-    session_id: str = "default"
-    turn_id: str | None = None
-    actor: str = "api"
+    content: Content
+    speaker: Speaker
+    session_id: SessionId = "default"
+    turn_id: TurnId | None = None
+    actor: Actor = "api"
     role: Role = "USER"
-    event_time: datetime | None = None
-    metadata: dict[str, str] = Field(default_factory=dict)
-    event_id: str | None = None
+    event_time: EventTime | None = None
+    metadata: Metadata = Field(default_factory=dict)
+    event_id: EventId | None = None
 
 
 class Published(BaseModel):
@@ -79,10 +98,13 @@ class SearchResponse(BaseModel):
 AsOf = Annotated[
     str | None,
     Query(
-        description="A past point: an ISO 8601 time (what memstream had recorded by then) or "
-        "an offset of the cube's memory-ops partition. The answer is folded from the log."
+        max_length=64,
+        description="A past point: an ISO 8601 time (what memstream had recorded by then, "
+        "1900 .. 2299) or an offset of the cube's memory-ops partition (0 .. 2^63-1). The "
+        "answer is folded from the log. 400 for anything else.",
     ),
 ]
+Tag = Annotated[str, Query(max_length=TAG_BYTES), text_check(TAG_BYTES, control=False)]
 
 
 def _point(as_of: str) -> Point:
@@ -106,43 +128,59 @@ async def _past(svc: Service, cube_id: str, as_of: str) -> PastView:
     return await run_in_threadpool(fold)
 
 
-@router.post("/v1/cubes/{cube_id}/interactions", response_model=list[Published])
+@router.post(
+    "/v1/cubes/{cube_id}/interactions",
+    response_model=list[Published],
+    responses=errors(413, 503),
+)
 async def publish(
-    cube_id: str,
-    interactions: Annotated[list[InteractionIn], Body(min_length=1)],
+    cube_id: CubePath,
+    interactions: Annotated[list[InteractionIn], Body(min_length=1, max_length=BATCH_ITEMS)],
     svc: ServiceDep,
 ) -> list[Published]:
-    """Publish interactions to the log; returns once the broker acknowledged them."""
-    events = [
-        Interaction(
-            cube_id=cube_id,
-            **i.model_dump(exclude_none=True, exclude={"event_time", "event_id"}),
-            event_time=i.event_time or utcnow(),
-            event_id=i.event_id or str(uuid.uuid4()),
-        )
-        for i in interactions
-    ]
+    """Publish 1 .. 1,000 interactions to the log; returns once the broker acknowledged them.
+    413 for content over the deployment's ``max_event_bytes``; 503 when the log did not
+    acknowledge them."""
+    try:
+        events = [
+            Interaction(
+                cube_id=cube_id,
+                **i.model_dump(exclude_none=True, exclude={"event_time", "event_id"}),
+                event_time=i.event_time or utcnow(),
+                event_id=i.event_id or str(uuid.uuid4()),
+            )
+            for i in interactions
+        ]
+    except ValidationError as exc:  # the same rules as InteractionIn: a defence, not a path
+        raise RequestValidationError(exc.errors()) from exc
     try:
         delivered = await run_in_threadpool(svc.producer.publish_interactions, events)
-    except ContentTooLarge as exc:
+    except (ContentTooLarge, EventTooLarge) as exc:
         raise HTTPException(413, str(exc)) from exc
+    except PublishError as exc:
+        raise HTTPException(503, f"the log did not take the interactions: {exc}") from exc
     return [
         Published(event_id=e.event_id, topic=d.topic, partition=d.partition, offset=d.offset)
         for e, d in zip(events, delivered, strict=True)
     ]
 
 
-@router.get("/v1/cubes/{cube_id}/search", response_model=SearchResponse)
+@router.get("/v1/cubes/{cube_id}/search", response_model=SearchResponse,
+            responses=errors(400, 503))  # fmt: skip
 async def search(
-    cube_id: str,
+    cube_id: CubePath,
     svc: ServiceDep,
-    q: Annotated[str, Query(min_length=1, description="What to look for.")],
+    q: Annotated[
+        str,
+        Query(min_length=1, max_length=QUERY_BYTES, description="What to look for."),
+        text_check(QUERY_BYTES, blank=False),
+    ],
     top_k: Annotated[int, Query(ge=1, le=200)] = 10,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    tags: Annotated[list[str] | None, Query()] = None,
+    since: QueryTime | None = None,
+    until: QueryTime | None = None,
+    tags: Annotated[list[Tag] | None, Query(max_length=TAGS)] = None,
     include_history: bool = False,
-    actor: str = "api",
+    actor: Annotated[Actor, Query()] = "api",
     as_of: AsOf = None,
 ) -> Response:
     """Hybrid search (dense + BM25, fused by RRF); queues a QueryEvent on the API's publishing
@@ -209,8 +247,8 @@ def _hit(r: Result) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/memories/{memory_id}")
-async def memory(memory_id: str, svc: ServiceDep, as_of: AsOf = None) -> dict[str, Any]:
+@router.get("/v1/memories/{memory_id}", responses=errors(400, 404, 503))
+async def memory(memory_id: MemoryPath, svc: ServiceDep, as_of: AsOf = None) -> dict[str, Any]:
     """The memory's state (any status), from the fold of the log: now, or as of a past point."""
     found = svc.views().get(memory_id)
     if found is None:
@@ -225,8 +263,8 @@ async def memory(memory_id: str, svc: ServiceDep, as_of: AsOf = None) -> dict[st
     return body
 
 
-@router.get("/v1/memories/{memory_id}/history")
-async def history(memory_id: str, svc: ServiceDep) -> list[dict[str, Any]]:
+@router.get("/v1/memories/{memory_id}/history", responses=errors(404, 503))
+async def history(memory_id: MemoryPath, svc: ServiceDep) -> list[dict[str, Any]]:
     """Every version of the memory and of those it replaced or that replaced it."""
     rows = await run_in_threadpool(svc.stores().history, memory_id)
     if not rows:
@@ -234,9 +272,9 @@ async def history(memory_id: str, svc: ServiceDep) -> list[dict[str, Any]]:
     return rows
 
 
-@router.get("/v1/cubes/{cube_id}/memories")
+@router.get("/v1/cubes/{cube_id}/memories", responses=errors(400, 503))
 async def memories(
-    cube_id: str,
+    cube_id: CubePath,
     svc: ServiceDep,
     limit: Annotated[int, Query(ge=1, le=16384)] = 1000,
     as_of: AsOf = None,
