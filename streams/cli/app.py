@@ -201,7 +201,9 @@ def serve(
 def bench(
     name: Annotated[
         str,
-        typer.Argument(help="ingest, search, quality, restart, profile, replay, kv or embedder."),
+        typer.Argument(
+            help="ingest, search, quality, restart, profile, replay, kv, embedder or fuzz."
+        ),
     ],
     interactions: Annotated[
         int | None,
@@ -241,6 +243,9 @@ def bench(
     ops_per_memory: Annotated[
         int, typer.Option(help="restart: ops per memory (the log / state ratio).")
     ] = 4,
+    examples: Annotated[
+        int, typer.Option(help="fuzz: schemathesis examples per operation and phase.")
+    ] = 400,
 ) -> None:
     """Run a benchmark against the running services; prints a table, writes bench/results."""
     if name == "ingest":
@@ -283,10 +288,14 @@ def bench(
         from bench import embedder
 
         embedder.run()
+    elif name == "fuzz":
+        from bench import fuzz
+
+        fuzz.run(max_examples=examples)
     else:
         raise _fail(
             f"unknown benchmark {name!r} "
-            "(known: ingest, search, quality, restart, profile, replay, kv, embedder)"
+            "(known: ingest, search, quality, restart, profile, replay, kv, embedder, fuzz)"
         )
 
 

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterable
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError, model_validator
 from sse_starlette.sse import EventSourceResponse
@@ -112,7 +112,11 @@ class ChatIn(BaseModel):
     """A turn: the conversation so far, ending with the user's message (or just ``message``).
     At most 256 messages, and 32 KiB of UTF-8 in all their texts together."""
 
-    messages: list[MessageIn] = Field(default_factory=list, max_length=CHAT_MESSAGES)
+    messages: list[MessageIn] = Field(
+        default_factory=list,
+        max_length=CHAT_MESSAGES,
+        examples=[[{"role": "user", "content": "Where do I live now?"}]],
+    )
     message: MessageText | None = Field(
         default=None, description="Appended as the last user message."
     )
@@ -261,8 +265,13 @@ class OpenAIMessage(BaseModel):
 
 
 class OpenAIChatIn(BaseModel):
-    model: bounded(MODEL_NAME_BYTES)  # type: ignore[valid-type]
-    messages: list[OpenAIMessage] = Field(max_length=CHAT_MESSAGES)
+    model: bounded(MODEL_NAME_BYTES) = Field(  # type: ignore[valid-type]
+        description=f"'{MODEL_PREFIX}/<cube>', or any name with the {CUBE_HEADER} header.",
+        examples=[f"{MODEL_PREFIX}/alice"],
+    )
+    messages: list[OpenAIMessage] = Field(
+        max_length=CHAT_MESSAGES, examples=[[{"role": "user", "content": "Where do I live?"}]]
+    )
     stream: JsonBool = False
     max_tokens: Tokens | None = None
     max_completion_tokens: Tokens | None = None
@@ -521,7 +530,9 @@ async def models(svc: ServiceDep) -> dict[str, Any]:
         404: {"model": OpenAIErrorBody | ErrorBody, "description": "No such model."},
     },
 )
-async def model(model: str, svc: ServiceDep) -> Any:
+async def model(
+    model: Annotated[str, Path(examples=[f"{MODEL_PREFIX}/alice", MODEL_PREFIX])], svc: ServiceDep
+) -> Any:
     """One model: ``memstream`` or ``memstream/<cube>`` (any valid cube name)."""
     try:
         if model != MODEL_PREFIX:
