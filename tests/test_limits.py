@@ -126,6 +126,33 @@ def test_the_writer_refuses_an_interaction_over_a_limit(fields: dict, reason: st
         validate(event(**fields))
 
 
+def command(**fields: Any) -> Event:
+    from streams.transport.topics import partition_for
+
+    value = {"command_id": "c-1", "cube_id": "c", "memory_id": "m", "command": "ARCHIVE",
+             "issued_by": "api", "event_time": NOW, "reason": "", "expected_version": None,
+             "evidence": {}, "payload": None, **fields}  # fmt: skip
+    return Event("t.commands", partition_for(value["cube_id"], 6), 0, b"c", "Command", 4,
+                 value, 0)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"reason": "r" * 5_000}, "reason is 5000 bytes"),
+        ({"issued_by": "i" * 300}, "issued_by is 300 bytes"),
+        ({"memory_id": "m" * 65}, "memory_id is 65 bytes"),
+        ({"evidence": {str(i): 1.0 for i in range(65)}}, "evidence has 65 entries"),
+        ({"expected_version": 0}, "expected_version 0"),
+    ],
+)
+def test_the_writer_refuses_a_command_over_a_limit(fields: dict, reason: str) -> None:
+    validate = interaction_validator(Settings(topic_prefix="t.", partitions=6))
+    validate(command())
+    with pytest.raises(InvalidEvent, match=reason):
+        validate(command(**fields))
+
+
 def test_the_api_and_the_writer_agree_on_a_valid_interaction() -> None:
     record = Interaction(cube_id="c", content="hi", speaker="s", event_time=NOW).to_record()
     interaction_validator(Settings(topic_prefix="t."))(event(**record))

@@ -91,7 +91,14 @@ def interaction_validator(settings: Settings) -> Callable[[Event], None]:
     writer and never reaches a view that would refuse it. A command names its cube and memory
     within the same limits, on its cube's partition.
     """
-    from schemas.limits import CUBE_ID_BYTES, ID_BYTES, VERSION_MAX
+    from schemas.limits import (
+        CUBE_ID_BYTES,
+        ID_BYTES,
+        METADATA_ENTRIES,
+        NAME_BYTES,
+        REASON_BYTES,
+        VERSION_MAX,
+    )
     from streams.transport.events import interaction_problem
 
     commands_topic = settings.topic(COMMANDS.name)
@@ -103,10 +110,21 @@ def interaction_validator(settings: Settings) -> Callable[[Event], None]:
         if event.topic == commands_topic:
             if partition_for(value["cube_id"], settings.partitions) != event.partition:
                 raise InvalidEvent("command not keyed by its cube_id (wrong partition)")
-            for name, limit in (("cube_id", CUBE_ID_BYTES), ("memory_id", ID_BYTES)):
+            # Its reason and evidence become its ops' (and its result's): bounded like the
+            # API bounds them, or one command could make the writer's transaction too large.
+            for name, limit in (("cube_id", CUBE_ID_BYTES), ("memory_id", ID_BYTES),
+                                ("issued_by", NAME_BYTES), ("reason", REASON_BYTES)):  # fmt: skip
                 size = len(value[name].encode())
                 if size > limit:
                     raise InvalidEvent(f"{name} is {size} bytes, over the limit of {limit}")
+            evidence = value.get("evidence") or {}
+            if len(evidence) > METADATA_ENTRIES or any(
+                len(k.encode()) > NAME_BYTES for k in evidence
+            ):
+                raise InvalidEvent(
+                    f"evidence has {len(evidence)} entries (at most {METADATA_ENTRIES}, each "
+                    f"named in at most {NAME_BYTES} bytes)"
+                )
             expected = value.get("expected_version")
             if expected is not None and not 1 <= expected <= VERSION_MAX:
                 raise InvalidEvent(f"expected_version {expected} is outside 1 .. {VERSION_MAX}")
