@@ -173,11 +173,13 @@ class MemReader:
         self, i: dict[str, Any], key: TurnKey, said: list[tuple[TurnKey, Turn]]
     ) -> Turn | None:
         """The turn before ``i`` in its session (by event time): from this batch, or from the
-        fold (the first memory that turn made), so any batching, a restart and a replay agree."""
+        fold (the first memory that turn made), so any batching, a restart and a replay agree.
+        A turn in both (delivered again) reads as the fold has it: its extraction this time may
+        differ (the turn before it is in view now), and the fold's is the one that was kept."""
         before = bisect_left(said, key, key=itemgetter(0))  # said[before - 1]: the last earlier
         earlier = said[before - 1] if before else None
         found = self.memories.turn_before(i["cube_id"], i.get("session_id") or "", key)
-        if found is not None and (earlier is None or found > earlier[0]):
+        if found is not None and (earlier is None or found >= earlier[0]):
             memory = self.memories.get(memory_id(i["cube_id"], found[1], 0, self.generation))
             if memory is not None:
                 return own_words(memory.text)

@@ -272,3 +272,17 @@ def test_a_long_turn_is_cut_between_sentences() -> None:
     assert items[0].text.endswith("(replying to Ravi: And?)")
     assert all(len(i.text.removeprefix("Ines said: ").split()) <= 40 for i in items[1:])
     assert [i.text.count("herons") for i in items] == [3] * 10
+
+
+def test_a_turn_delivered_again_is_read_as_the_fold_has_it_by_the_turn_after() -> None:
+    """Turn 1 again, with turn 0 now before it, extracts otherwise than the first time; the turn
+    after it replies to what the fold kept, whether the repeat is fused yet or not (a case
+    hypothesis found: the overlapped writer read the repeat's new extraction)."""
+    batches = _batches([1, 0, 1, 8], [1])
+    serial = MemReader(RuleExtractor(), HashEmbedder(), CubeMemories(64))
+    ops = _overlapped(batches)
+    assert ops == [op for batch in batches for op in serial.process(batch)]
+    [reply] = [op for op in ops if op["caused_by"] == ["trip-8"]][:1]
+    assert reply["payload"][1]["text"].endswith(
+        "(replying to Ines: It took four coats of varnish.)"
+    )
