@@ -169,6 +169,7 @@ class Settings(BaseSettings):
         default=0.95,
         ge=-1.0,
         le=1.0,
+        allow_inf_nan=False,
         description="Cosine above which a new item is a repeat (MERGE).",
     )
     llm_base_url: str | None = Field(
