@@ -27,6 +27,7 @@ from processors.ops import (
     op_event_id,
     plaintext_payload,
 )
+from schemas.limits import CAUSES, TAGS
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,7 @@ class MemReader:
                 embedding_bytes(vector),
                 self.embedder.model_id,
                 key=item.key or old.key,
-                tags=union(old.tags, item.tags),
+                tags=_merged_tags(old.tags, item.tags),
                 valid_from=old.valid_from,
                 source=source.source_ref(),
             )
@@ -237,7 +238,7 @@ class MemReader:
                    superseded_by=new_id, reason=reason)
             )  # fmt: skip
             ops.append(
-                op("MERGE", new_id, 1, caused_by=union(old.caused_by, [event]),
+                op("MERGE", new_id, 1, caused_by=union(old.caused_by, [event])[-CAUSES:],
                    supersedes=[old.memory_id], reason=reason, payload=merged)
             )  # fmt: skip
         elif verdict.decision == "UPDATE" and old is not None:
@@ -266,3 +267,10 @@ class MemReader:
         for o in ops:
             self.memories.apply(o)
         return ops
+
+
+def _merged_tags(old: tuple[str, ...] | list[str], new: list[str]) -> list[str]:
+    """Both memories' tags, within the view's limit: the new item's first when they do not fit
+    (a fact repeated often would otherwise gather tags until Milvus refused its row)."""
+    tags = union(old, new)
+    return tags if len(tags) <= TAGS else union(new, old)[:TAGS]

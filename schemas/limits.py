@@ -29,6 +29,10 @@ MEMORY_TEXT_BYTES = 65_535
 KEY_BYTES = 512
 #: Tags of a memory (Milvus ``tags``: an array of at most this many, each at most this long).
 TAGS = 64
+#: Source events a MERGE carries in ``caused_by``: the latest; a memory merged more often than
+#: this reaches the older ones through ``supersedes`` (its history), so an op never grows with
+#: the number of times a fact was repeated.
+CAUSES = 64
 TAG_BYTES = 128
 #: An interaction's metadata: entries, and all keys and values together.
 METADATA_ENTRIES = 64

@@ -45,9 +45,14 @@ PAGE = 16384
 Consistency = Literal["Strong", "Session", "Bounded", "Eventually"]
 
 
+_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+
 def quote(value: str) -> str:
-    """A string literal for a Milvus boolean expression."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """A string literal for a Milvus boolean expression. Line breaks and tabs are escaped (a
+    raw line break ends the literal: "unterminated string literal"); Milvus knows no ``\\u``
+    escape, and takes other control characters as they are."""
+    return '"' + value.translate(_ESCAPES) + '"'
 
 
 def epoch_ms(value: datetime | None) -> int:

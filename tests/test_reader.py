@@ -183,3 +183,18 @@ def test_a_live_generation_with_settings_refused_today_still_starts_its_writer(
     good = Generation(id=1, ops=1, kind="reextract", reader={"merge_threshold": 0.5})
     writer = ReaderProcessor(settings, HashEmbedder(), RuleExtractor(), None, generation=good)  # type: ignore[arg-type]
     assert writer.reader.merge_threshold == 0.5
+
+
+def test_a_fact_repeated_many_times_merges_into_ops_of_bounded_size() -> None:
+    """Each MERGE carried every earlier source event in caused_by: a sentence said a few
+    thousand times made an op over the broker's message limit (the writer's transaction fails,
+    every retry again). Now it carries the latest CAUSES; the lineage keeps the rest."""
+    from schemas.limits import CAUSES
+
+    reader = MemReader(RuleExtractor(), HashEmbedder(), CubeMemories(64))
+    said = "My favorite color is teal, it calms me down a lot."
+    ops = reader.process([Sourced(interaction(said, f"e{n}")) for n in range(CAUSES + 20)])
+    merges = [o for o in ops if o["op"] == "MERGE" and o["supersedes"]]
+    assert len(merges) == CAUSES + 19  # every repeat merged: the positive control
+    assert max(len(o["caused_by"]) for o in merges) == CAUSES
+    assert merges[-1]["caused_by"][-1] == f"e{CAUSES + 19}"  # the newest source is kept

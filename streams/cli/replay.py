@@ -146,7 +146,11 @@ def replay(
 
 
 def _refused(errors: list[dict[str, Any]]) -> str:
-    return "refused: " + "; ".join(f"--set {e['field']}={e['input']!r}: {e['msg']}" for e in errors)
+    """Each refused setting and why (the value given, where known: the server does not echo
+    it back)."""
+    said = [f"--set {e['field']}" + (f"={e['input']!r}" if e.get("input") is not None else "")
+            + f": {e['msg']}" for e in errors]  # fmt: skip
+    return "refused: " + "; ".join(said)
 
 
 def _detail(response: httpx.Response) -> str:

@@ -25,6 +25,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_END, Consumer, TopicPartition
 
+from schemas.limits import OFFSET_MAX, check_time, cut_utf8
 from streams.settings import Settings
 from streams.transport.consumer import raise_if_fatal
 from streams.transport.follower import OpReader
@@ -110,11 +111,16 @@ def format_position(partition: int, offset: int) -> str:
 
 
 def parse_position(position: str) -> tuple[int, int]:
-    """("3:1042") -> (3, 1042); ValueError for anything else."""
+    """("3:1042") -> (3, 1042); ValueError for anything else, an offset beyond Kafka's
+    (2^63 - 1) or a partition beyond 2^31 - 1 included (librdkafka overflows on them)."""
     partition, sep, offset = position.strip().partition(":")
-    if not sep or not partition.isdigit() or not offset.isdigit():
-        raise ValueError(f"not a position (partition:offset): {position!r}")
-    return int(partition), int(offset)
+    digits = partition.isascii() and offset.isascii()
+    if not sep or not digits or not partition.isdigit() or not offset.isdigit():
+        raise ValueError(f"not a position (partition:offset): {cut_utf8(position, 64)!r}")
+    p, o = int(partition), int(offset)
+    if p > 2**31 - 1 or o > OFFSET_MAX:
+        raise ValueError(f"position out of range: partition <= {2**31 - 1}, offset <= {OFFSET_MAX}")
+    return p, o
 
 
 def update_of(op: dict[str, Any], partition: int, offset: int, timestamp_ms: int) -> MemoryUpdate:
@@ -221,13 +227,13 @@ class CubeReader:
                 )
             return offset + 1
         if isinstance(since, datetime):
-            at = since if since.tzinfo else since.replace(tzinfo=UTC)
+            at = check_time("since", since if since.tzinfo else since.replace(tzinfo=UTC))
             probe = TopicPartition(self._tp.topic, self._tp.partition, int(at.timestamp() * 1000))
             found = retry_kafka(lambda: self._consumer.offsets_for_times([probe], timeout))[0]
             return found.offset if found.offset >= 0 else self._end(timeout)
         if isinstance(since, int):
-            if since < 0:
-                raise ValueError(f"since must be an offset >= 0, not {since}")
+            if not 0 <= since <= OFFSET_MAX:
+                raise ValueError(f"since must be an offset in 0..{OFFSET_MAX}, not {since}")
             return since
         committed = retry_kafka(lambda: self._consumer.committed([self._tp], timeout))[0]
         return committed.offset if committed.offset >= 0 else self._end(timeout)

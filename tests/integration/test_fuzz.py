@@ -17,16 +17,6 @@ from streams.settings import Settings
 
 pytestmark = pytest.mark.integration
 
-#: Findings in routes other engineers own (issue 29), reported there: (operation, check). Each
-#: is removed here once its route is fixed; anything else fails the test.
-KNOWN: set[tuple[str, str]] = {
-    # The audit route answers 400 with an object as its detail, documented as nothing.
-    ("POST /v1/audit", "status_code_conformance"),
-    ("POST /v1/audit", "response_schema_conformance"),
-    # The replay route answers 409 (a generation is being built), documented as nothing.
-    ("POST /v1/replay", "status_code_conformance"),
-}
-
 
 def test_fuzzing_the_api_finds_no_server_error_and_no_schema_violation(
     settings: Settings, tmp_path: Path
@@ -43,6 +33,5 @@ def test_fuzzing_the_api_finds_no_server_error_and_no_schema_violation(
     assert len(found["operations"]) >= 20  # every operation, chat and the update stream too
     server_errors = [f for f in found["failures"] if f["check"] == "not_a_server_error"]
     assert found["responses_5xx"] == 0, (server_errors, log[-5000:])
-    unexpected = [f for f in found["failures"] if (f["operation"], f["check"]) not in KNOWN]
-    assert not unexpected, unexpected
+    assert not found["failures"], found["failures"]
     assert "Traceback" not in log, log[-5000:]

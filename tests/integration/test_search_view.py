@@ -219,3 +219,17 @@ def test_a_cube_this_worker_does_not_follow_is_never_kept(tmp_path: Path, embedd
     sink.flush()
     assert len(searcher.working_set.snapshot("cube-x")[0].ids) == 3
     assert searcher.working_set.loads == 2
+
+
+def test_a_cube_id_with_line_breaks_and_control_characters_reads_back(
+    embedder, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """quote() escapes what ends a Milvus string literal (a raw line break gave "unterminated
+    string literal", a 500), so any cube id a store took can be read back; a control character
+    Milvus takes as it is."""
+    sink = view(tmp_path)
+    odd = 'odd\ncube\t"quoted"\\slash\r\x01'
+    sink.put(memories(embedder, odd, 3) + memories(embedder, "odd", 2))
+    assert len(sink.cube_rows(odd)) == 3
+    assert {r["cube_id"] for r in sink.cube_rows(odd)} == {odd}
+    assert len(sink.cube_rows("odd")) == 2  # positive control: the plain cube is apart

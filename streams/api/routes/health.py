@@ -19,14 +19,22 @@ router = APIRouter(tags=["health"])
 ServiceDep = Annotated[Service, Depends(service)]
 
 
-@router.get("/healthz")
+@router.get(
+    "/healthz",
+    responses={503: {"description": "A processor gave up: the process should be restarted.",
+                     "content": {"application/json": {"schema": {"type": "object"}}}}},
+)  # fmt: skip
 async def healthz(svc: ServiceDep) -> JSONResponse:
     """Liveness: 200 while the process should keep running (no processor gave up)."""
     live = svc.runtime.host.live()
     return JSONResponse({"live": live}, status_code=200 if live else 503)
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    responses={503: {"description": "Not ready: its reason says why (topics, a processor).",
+                     "content": {"application/json": {"schema": {"type": "object"}}}}},
+)  # fmt: skip
 async def readyz(svc: ServiceDep) -> JSONResponse:
     """Readiness: 200 when every processor runs and has caught up with its inputs; otherwise
     503 and a ``reason`` that says why (topics missing, a processor failing or catching up)."""

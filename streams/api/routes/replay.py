@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
+from schemas.limits import cut_utf8
 from streams.api.deps import Service, service
+from streams.api.limits import errors
 from streams.runtime.generations import (
     READER_SETTINGS,
     GenerationBusy,
@@ -31,25 +32,17 @@ class ReplayRequest(BaseModel):
 
 
 def _unprocessable(exc: InvalidReaderSettings) -> HTTPException:
-    """422 in FastAPI's own shape: one error per refused setting, where it is and why."""
+    """422 in FastAPI's documented shape: one error per refused setting, where it is and why
+    (the setting's name cut and made valid UTF-8; the value given is not echoed back)."""
     detail = [
-        {"loc": ["body", "reader", e["field"]], "msg": e["msg"], "type": "value_error",
-         "input": _jsonable(e["input"])}
+        {"loc": ["body", "reader", cut_utf8(str(e["field"]), 128)],
+         "msg": cut_utf8(str(e["msg"]), 512), "type": "value_error"}
         for e in exc.errors
     ]  # fmt: skip
     return HTTPException(422, detail)
 
 
-def _jsonable(value: Any) -> Any:
-    """The input as given, or its repr when JSON cannot carry it (NaN, infinity)."""
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError):
-        return repr(value)
-    return value
-
-
-@router.post("/v1/replay", status_code=202)
+@router.post("/v1/replay", status_code=202, responses=errors(400, 409, 503))
 async def start(body: ReplayRequest, svc: ServiceDep) -> dict[str, Any]:
     """Start building the next generation; the live views serve until it has caught up.
     Reader settings that could not start are refused (422, per setting) and nothing is stored."""
@@ -68,7 +61,7 @@ async def start(body: ReplayRequest, svc: ServiceDep) -> dict[str, Any]:
     return await run_in_threadpool(svc.runtime.replay.progress)
 
 
-@router.get("/v1/replay")
+@router.get("/v1/replay", responses=errors(503))
 async def progress(svc: ServiceDep) -> dict[str, Any]:
     """The generation pointer (current, next, retired, failed: the abandoned ones and why) and
     the next generation's progress."""
